@@ -1,0 +1,30 @@
+# `make demo` and `make test` each create or refresh .venv first, so both work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned here, in the same pip command as everything that depends on it, so
+# pip takes the CPU build on local disk instead of pulling a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: venv demo test models clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]' $(TORCH)
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/genfast models
+	$(BIN)/genfast demo --out demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+# Rebuild the shipped checkpoints (needs the data sets; see README "Shipped models").
+models: venv
+	bash scripts/make_models.sh
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache src/*.egg-info

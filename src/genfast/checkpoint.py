@@ -1,0 +1,149 @@
+"""Checkpoints: safetensors weights plus a JSON header, written atomically.
+
+A file holds flat tensors named `model.<module>.<param>` and, for training
+checkpoints, `optim.<module>.<index>.<key>` (Adam's moments and step counts).
+Everything else (family, config, data set, step, optimizer hyperparameters) is one
+JSON document in the safetensors metadata under the key "genfast". Loading never
+unpickles, so a checkpoint from a stranger cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from genfast.errors import GenfastError
+
+FORMAT = "genfast-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds, as Python objects."""
+
+    family: str
+    config: dict[str, Any]
+    dataset: dict[str, Any]  # name, class_names, image_shape
+    step: int
+    modules: dict[str, dict[str, torch.Tensor]]  # module name -> state_dict
+    optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)  # module name -> optimizer state_dict
+    extra: dict[str, Any] = field(default_factory=dict)  # free JSON: training options, timings, ...
+
+    @property
+    def inference_only(self) -> bool:
+        return not self.optimizers
+
+
+def _flatten_optimizer(name: str, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Move an optimizer state_dict's tensors into `tensors`; return the JSON-able rest."""
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{name}.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    prefix = f"optim.{name}."
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, _, slot = key[len(prefix):].partition(".")
+            state.setdefault(int(index), {})[slot] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save(checkpoint: Checkpoint, path: Path, half: bool = False) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename.
+
+    `half` stores floating-point weights as fp16 (for the small shipped models);
+    they are loaded back as fp32.
+    """
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for module, state in checkpoint.modules.items():
+        for key, value in state.items():
+            value = value.detach().cpu().contiguous()
+            if half and value.is_floating_point():
+                value = value.half()
+            tensors[f"model.{module}.{key}"] = value
+    optim_meta = {name: _flatten_optimizer(name, state, tensors) for name, state in checkpoint.optimizers.items()}
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "family": checkpoint.family,
+        "config": checkpoint.config,
+        "dataset": checkpoint.dataset,
+        "step": checkpoint.step,
+        "optimizers": optim_meta,
+        "extra": checkpoint.extra,
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise GenfastError(f"cannot write checkpoint {path}: {e.strerror}") from None
+    try:
+        save_file(tensors, tmp, metadata={"genfast": json.dumps(header)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The JSON header alone, without reading the weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise GenfastError(f"checkpoint {path} not found")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GenfastError(f"checkpoint {path} is corrupt or truncated ({e}); retrain it or copy it again") from None
+    if "genfast" not in metadata:
+        raise GenfastError(f"{path} is a safetensors file but not a genfast checkpoint (no 'genfast' header)")
+    try:
+        header = json.loads(metadata["genfast"])
+    except json.JSONDecodeError:
+        raise GenfastError(f"checkpoint {path} has a corrupt header; retrain it or copy it again") from None
+    if header.get("format") != FORMAT or header.get("format_version", 0) > FORMAT_VERSION:
+        raise GenfastError(f"checkpoint {path} has format {header.get('format')} "
+                           f"v{header.get('format_version')}; this genfast reads v{FORMAT_VERSION}, upgrade genfast")
+    return header
+
+
+def load(path: Path) -> Checkpoint:
+    path = Path(path)
+    header = read_header(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise GenfastError(f"checkpoint {path} is corrupt or truncated ({e}); retrain it or copy it again") from None
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("model."):
+            module, _, name = key[len("model."):].partition(".")
+            modules.setdefault(module, {})[name] = value.float() if value.dtype == torch.float16 else value
+    optimizers = {name: _unflatten_optimizer(name, meta, tensors) for name, meta in header["optimizers"].items()}
+    return Checkpoint(
+        family=header["family"], config=header["config"], dataset=header["dataset"], step=header["step"],
+        modules=modules, optimizers=optimizers, extra=header.get("extra", {}),
+    )

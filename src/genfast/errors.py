@@ -1,0 +1,9 @@
+"""The one exception type that means "the user asked for something we cannot do".
+
+The CLI prints such an error as one line on stderr and exits non-zero, without a
+traceback; anything else that escapes is a bug and keeps its traceback.
+"""
+
+
+class GenfastError(Exception):
+    """A user-facing error: the message says what was wrong and what to do."""

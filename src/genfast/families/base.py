@@ -1,0 +1,103 @@
+"""The one protocol every model family follows, and the sampler it hands out.
+
+A family knows its networks, its loss and how to turn trained networks into a
+*sampler*: a pure, fixed-shape function from noise (and an optional class label)
+to images in [-1, 1]. Randomness is drawn outside the sampler from a seeded
+torch.Generator, so every engine can wrap the same function and every test can
+compare an engine with the eager reference on the same noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from genfast.errors import GenfastError
+
+SampleFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass
+class Sampler:
+    """Noise in, pixels out, plus what a caller needs to draw the noise."""
+
+    fn: SampleFn                       # (noise (B, *noise_shape), labels (B,) or None) -> (B, C, H, W) in [-1, 1]
+    noise_shape: tuple[int, ...]       # per image
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    class_names: tuple[str, ...] = ()  # empty for an unconditional model
+    info: dict[str, Any] = field(default_factory=dict)  # family, name, dataset, step: for people, not for code
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __call__(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fn(noise, labels)
+
+    def noise(self, n: int, seed: int) -> torch.Tensor:
+        """The noise for images 0..n-1 of `seed`: the same whatever the batch size."""
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(n, *self.noise_shape, generator=generator)
+
+    def labels(self, n: int, class_index: int | None = None) -> torch.Tensor | None:
+        """Labels for n images: all `class_index`, or cycling through the classes."""
+        if not self.conditional:
+            if class_index is not None:
+                raise GenfastError("--class needs a class-conditional model; this one is unconditional")
+            return None
+        if class_index is None:
+            return torch.arange(n) % self.num_classes
+        if not 0 <= class_index < self.num_classes:
+            raise GenfastError(f"class {class_index} is outside this model's classes 0..{self.num_classes - 1} "
+                               f"({', '.join(self.class_names)})")
+        return torch.full((n,), class_index, dtype=torch.long)
+
+    def generate(self, n: int, seed: int = 0, class_index: int | None = None, batch_size: int = 256,
+                 progress: bool = False) -> torch.Tensor:
+        """n images for `seed`, made `batch_size` at a time."""
+        if n < 1:
+            raise GenfastError(f"number of images must be at least 1, got {n}")
+        if batch_size < 1:
+            raise GenfastError(f"batch size must be at least 1, got {batch_size}")
+        noise, labels = self.noise(n, seed), self.labels(n, class_index)
+        batches = []
+        for start in tqdm(range(0, n, batch_size), desc="sampling", unit="batch", disable=not progress):
+            end = min(start + batch_size, n)
+            batches.append(self.fn(noise[start:end], None if labels is None else labels[start:end]).cpu())
+        return torch.cat(batches)
+
+
+class Family(Protocol):
+    """What the trainer, the checkpoint loader and the CLI need from a family."""
+
+    name: str             # registry key: "gan", "vae", "ar"
+    config_class: type    # the hyperparameter dataclass
+    presets: dict[str, dict[str, Any]]
+
+    def model_name(self, config: Any) -> str:
+        """Short name of the variant for people: "gan" or "cgan"."""
+
+    def build(self, config: Any) -> dict[str, nn.Module]:
+        """Fresh networks for `config` (image shape and classes already filled in)."""
+
+    def optimizers(self, modules: dict[str, nn.Module], config: Any) -> dict[str, torch.optim.Optimizer]:
+        """One optimizer per trained module, keyed like `modules`."""
+
+    def train_step(self, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                   images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
+                   config: Any) -> dict[str, float]:
+        """One optimisation step on a batch of [-1, 1] images; returns the losses to log."""
+
+    def sampler(self, modules: dict[str, nn.Module], config: Any, class_names: tuple[str, ...]) -> Sampler:
+        """The eager fp32 sampler: the reference every engine is compared with."""
+
+    def inference_modules(self) -> tuple[str, ...]:
+        """The modules a sampler needs (what a slim, shipped checkpoint keeps)."""

@@ -1,0 +1,91 @@
+"""Pixels in and out: [-1, 1] tensors <-> uint8, grids, PNG files.
+
+Every write goes to a temporary file beside the target and is renamed into place,
+so an interrupted or failed write never leaves half a file where a good one was.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from genfast.errors import GenfastError
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float (N, C, H, W) -> uint8 (N, C, H, W)."""
+    return ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> [-1, 1] float32, the range every family trains on."""
+    return images.float() / 127.5 - 1
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """uint8 (N, C, H, W) -> one (rows*H, cols*W, C) array, images row by row."""
+    n, c, h, w = images.shape
+    cols = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), np.uint8)
+    pixels = images.permute(0, 2, 3, 1).numpy()
+    for i in range(n):
+        top = padding + (i // cols) * (h + padding)
+        left = padding + (i % cols) * (w + padding)
+        grid[top:top + h, left:left + w] = pixels[i]
+    return grid
+
+
+def _pil(array: np.ndarray) -> Image.Image:
+    """(H, W, C) uint8 -> a grayscale or RGB Pillow image."""
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def writable_target(path: Path) -> Path:
+    """Make sure `path`'s folder exists and can be written, before any long work."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GenfastError(f"cannot write {path}: {e.strerror}; choose another output path") from None
+    if not os.access(path.parent, os.W_OK):
+        raise GenfastError(f"cannot write {path}: folder {path.parent} is not writable; choose another output path")
+    if path.is_dir() and path.suffix:
+        raise GenfastError(f"cannot write {path}: it is a folder")
+    return path
+
+
+def save_png(array: np.ndarray, path: Path, scale: int = 1) -> None:
+    """Write a (H, W, C) uint8 array as a PNG, atomically; `scale` enlarges with nearest pixels."""
+    path = writable_target(path)
+    image = _pil(array)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise GenfastError(f"cannot write {path}: {e.strerror}; choose another output path") from None
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, scale: int = 2) -> None:
+    """[-1, 1] images -> one PNG grid (enlarged so 28x28 images are easy to look at)."""
+    save_png(make_grid(to_uint8(images), nrow), path, scale=scale)
+
+
+def save_each(images: torch.Tensor, folder: Path, start: int = 0) -> list[Path]:
+    """[-1, 1] images -> one PNG per image, numbered from `start` (000000.png, ...)."""
+    pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    paths = [Path(folder) / f"{start + i:06d}.png" for i in range(len(pixels))]
+    for array, path in zip(pixels, paths):
+        save_png(array, path)
+    return paths

@@ -1,0 +1,82 @@
+"""Loading a checkpoint into a sampler, and the small models shipped in the package.
+
+Shipped models live in `genfast/models/NAME.safetensors`, named
+`<variant>-<data set>` (`gan-fashion-mnist`, `cgan-mnist`, ...). They are slim:
+only the modules a sampler needs, stored in fp16 to keep the package light, and
+loaded back as fp32.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from genfast import checkpoint, config as configlib
+from genfast.errors import GenfastError
+from genfast.families import Sampler, get_family
+
+
+def models_dir() -> Path:
+    return Path(str(resources.files("genfast") / "models"))
+
+
+def shipped() -> dict[str, Path]:
+    """Name -> path of every shipped checkpoint, sorted by name."""
+    return {p.name.removesuffix(".safetensors"): p for p in sorted(models_dir().glob("*.safetensors"))}
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A shipped model's name or a checkpoint path -> the file to read."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    models = shipped()
+    if str(name_or_path) in models:
+        return models[str(name_or_path)]
+    if path.suffix or path.parent != Path("."):
+        raise GenfastError(f"checkpoint {path} not found")
+    raise GenfastError(f"'{name_or_path}' is neither a checkpoint file nor a shipped model; "
+                       f"shipped models: {', '.join(models) or 'none'} (see 'genfast models')")
+
+
+def load_modules(ckpt: checkpoint.Checkpoint, device: str | torch.device = "cpu"):
+    """Rebuild a checkpoint's family, config and networks (the inference ones at least)."""
+    family = get_family(ckpt.family)
+    config = configlib.from_dict(family.config_class, ckpt.config)
+    modules = family.build(config)
+    for name in list(modules):
+        if name not in ckpt.modules:
+            if name in family.inference_modules():
+                raise GenfastError(f"checkpoint lacks the '{name}' weights; it is incomplete, retrain it")
+            del modules[name]
+            continue
+        try:
+            modules[name].load_state_dict(ckpt.modules[name])
+        except RuntimeError as e:
+            raise GenfastError(f"checkpoint weights do not fit its config ({str(e).splitlines()[0]}); "
+                               f"the file is damaged or was edited") from None
+        modules[name].to(device)
+    return family, config, modules
+
+
+def load(name_or_path: str | Path, device: str | torch.device = "cpu") -> Sampler:
+    """A shipped model's name or a checkpoint path -> its eager fp32 sampler."""
+    path = resolve(name_or_path)
+    ckpt = checkpoint.load(path)
+    family, config, modules = load_modules(ckpt, device)
+    sampler = family.sampler(modules, config, tuple(ckpt.dataset.get("class_names", ())))
+    sampler.info = {"family": ckpt.family, "model": family.model_name(config), "dataset": ckpt.dataset["name"],
+                    "step": ckpt.step, "path": str(path)}
+    return sampler
+
+
+def slim(src: Path, dst: Path, half: bool = True) -> Path:
+    """Write an inference-only copy of a training checkpoint (no optimizer, no discriminator)."""
+    ckpt = checkpoint.load(src)
+    family = get_family(ckpt.family)
+    ckpt.modules = {n: s for n, s in ckpt.modules.items() if n in family.inference_modules()}
+    ckpt.optimizers = {}
+    checkpoint.save(ckpt, dst, half=half)
+    return dst

@@ -1,0 +1,114 @@
+"""The command line end to end on `fake` data, and every bad input: one line, non-zero exit."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from genfast import checkpoint, images, pretrained
+from genfast.cli import main
+
+
+def run(capsys, *argv):
+    """Run the CLI in-process; return (exit status, stdout, stderr)."""
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse exits for usage errors
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_train_sample_and_python_api_agree(tmp_path: Path, capsys):
+    status, out, _ = run(capsys, "train", "gan", "--data", "fake", "--out", tmp_path / "run", "--steps", 6,
+                         "--preset", "tiny", "--conditional", "-q", "batch_size=16")
+    assert status == 0 and "checkpoint:" in out
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    assert checkpoint.load(ckpt).config["batch_size"] == 16
+
+    status, _, _ = run(capsys, "sample", ckpt, "-n", 20, "--out", tmp_path / "grid.png", "--seed", 3, "-q")
+    assert status == 0
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    # 20 images of a 10-class model: 10 columns, 2 rows of 28x28 with 2-pixel padding, drawn at 2x.
+    assert grid.shape == (2 * (2 * 30 + 2), 2 * (10 * 30 + 2))
+
+    status, _, _ = run(capsys, "sample", ckpt, "-n", 5, "--out", tmp_path / "each", "--class", "class3",
+                       "--seed", 3, "--batch-size", 2, "-q")
+    assert status == 0
+    files = sorted((tmp_path / "each").iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(5)]
+    # The files hold exactly what the Python API makes for the same seed and class.
+    expected = images.to_uint8(pretrained.load(ckpt).generate(5, seed=3, class_index=3))
+    for i, f in enumerate(files):
+        assert torch.equal(torch.from_numpy(np.array(Image.open(f))), expected[i, 0])
+
+
+def test_models_lists_shipped_checkpoints_name_first(capsys):
+    status, out, _ = run(capsys, "models")
+    assert status == 0
+    names = [line.split("\t")[0] for line in out.splitlines()]
+    assert names == sorted(pretrained.shipped())
+    for line in out.splitlines():
+        name, family, dataset = line.split("\t")[:3]
+        assert name.endswith(dataset) and family == "gan"
+
+
+def test_demo_writes_a_grid_per_shipped_model(tmp_path: Path, capsys):
+    status, out, _ = run(capsys, "demo", "--out", tmp_path)
+    assert status == 0
+    assert sorted(p.stem for p in tmp_path.glob("*.png")) == sorted(pretrained.shipped())
+    assert len(pretrained.shipped()) >= 4
+
+
+BAD_INPUTS = {
+    "unknown family": (["train", "diffusion", "--data", "fake", "--out", "{tmp}/r"], 2, "invalid choice: 'diffusion'"),
+    "unknown data set": (["train", "gan", "--data", "cifar", "--out", "{tmp}/r"], 1, "unknown data set 'cifar'"),
+    "unknown config key": (["train", "gan", "--data", "fake", "--out", "{tmp}/r", "zdim=3"], 1,
+                           "unknown config key 'zdim' for GANConfig; valid keys: z_dim,"),
+    "missing checkpoint": (["sample", "{tmp}/nope.safetensors", "--out", "{tmp}/g.png"], 1, "not found"),
+    "unknown model name": (["sample", "gan-cifar", "--out", "{tmp}/g.png"], 1, "shipped models:"),
+    "zero images": (["sample", "{ckpt}", "-n", "0", "--out", "{tmp}/g.png"], 2, "must be at least 1, got 0"),
+    "negative batch": (["sample", "{ckpt}", "--batch-size", "-4", "--out", "{tmp}/g.png"], 2, "at least 1, got -4"),
+    "class out of range": (["sample", "{ckpt}", "--class", "10", "--out", "{tmp}/g.png"], 1,
+                           "class 10 is outside this model's classes 0..9"),
+    "unknown class name": (["sample", "{ckpt}", "--class", "zebra", "--out", "{tmp}/g.png"], 1, "unknown class 'zebra'"),
+    "unwritable output": (["sample", "{ckpt}", "--out", "{tmp}/afile/g.png"], 1, "cannot write"),
+    "not a png": (["sample", "{ckpt}", "--out", "{tmp}/g.jpg"], 1, "give a .png file"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gives_one_line_and_keeps_files(case, tiny_cgan, tmp_path: Path, capsys):
+    argv, want_status, message = BAD_INPUTS[case]
+    (tmp_path / "afile").write_text("a file, not a folder")
+    keep = tmp_path / "g.png"
+    keep.write_bytes(b"an earlier grid")
+    argv = [a.format(tmp=tmp_path, ckpt=tiny_cgan) for a in argv]
+    status, _, err = run(capsys, *argv)
+    assert status == want_status
+    assert err.count("\n") == 1 and err.startswith("genfast: error: ")
+    assert message in err
+    assert keep.read_bytes() == b"an earlier grid"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_checkpoint_on_the_command_line(damage, tiny_gan, tmp_path: Path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    data = Path(tiny_gan).read_bytes()
+    bad.write_bytes(data[: len(data) // 3] if damage == "truncated" else os.urandom(500))
+    status, _, err = run(capsys, "sample", bad, "--out", tmp_path / "g.png")
+    assert status == 1 and "corrupt or truncated" in err and err.count("\n") == 1
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_console_script_exits_without_traceback(tmp_path: Path):
+    """The installed entry point, as a user runs it: a user mistake prints no traceback."""
+    result = subprocess.run([sys.executable, "-m", "genfast", "sample", str(tmp_path / "x.safetensors"),
+                             "--out", str(tmp_path / "g.png")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr == f"genfast: error: checkpoint {tmp_path / 'x.safetensors'} not found\n"

@@ -1,0 +1,116 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from genfast import checkpoint, pretrained
+from genfast.errors import GenfastError
+from genfast.families.gan import GAN
+from genfast.train import TrainOptions, train
+
+from conftest import train_tiny
+
+
+def _all_tensors(ckpt: checkpoint.Checkpoint) -> dict[str, torch.Tensor]:
+    tensors = {f"{m}.{k}": v for m, state in ckpt.modules.items() for k, v in state.items()}
+    for name, opt in ckpt.optimizers.items():
+        for index, state in opt["state"].items():
+            tensors.update({f"optim.{name}.{index}.{k}": v for k, v in state.items()})
+    return tensors
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_resume_continues_the_same_run(tmp_path: Path, conditional):
+    straight = checkpoint.load(train_tiny(tmp_path / "a", steps=8, conditional=conditional))
+    train_tiny(tmp_path / "b", steps=4, conditional=conditional)
+    half = checkpoint.load(tmp_path / "b" / "checkpoint.safetensors")
+    assert half.step == 4
+    resumed = checkpoint.load(train_tiny(tmp_path / "b", steps=8, conditional=conditional, resume=True))
+    assert resumed.step == straight.step == 8
+    a, b = _all_tensors(straight), _all_tensors(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # And the resumed run really continued (it is not a copy of the half-way state).
+    assert not torch.equal(_all_tensors(half)["generator.fc.weight"], b["generator.fc.weight"])
+
+
+def test_resume_refuses_to_change_the_config(tmp_path: Path):
+    train_tiny(tmp_path, steps=2)
+    options = TrainOptions(out=tmp_path, data="fake", steps=4, resume=True, progress=False)
+    with pytest.raises(GenfastError, match="cannot change its config: lr_g"):
+        train("gan", options, preset="tiny", pairs=["lr_g=0.1"])
+    with pytest.raises(GenfastError, match="trained on 'fake'"):
+        train("gan", TrainOptions(out=tmp_path, data="mnist", steps=4, resume=True, progress=False), preset="tiny")
+
+
+def test_existing_run_is_not_overwritten(tmp_path: Path):
+    path = train_tiny(tmp_path, steps=2)
+    before = path.read_bytes()
+    with pytest.raises(GenfastError, match="pass --resume"):
+        train_tiny(tmp_path, steps=2)
+    assert path.read_bytes() == before
+
+
+def test_resume_refuses_a_checkpoint_of_another_family(tmp_path: Path):
+    path = train_tiny(tmp_path, steps=2)
+    ckpt = checkpoint.load(path)
+    ckpt.family = "vae"
+    checkpoint.save(ckpt, path)
+    with pytest.raises(GenfastError, match="is a 'vae' checkpoint, not 'gan'"):
+        train_tiny(tmp_path, steps=4, resume=True)
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch):
+    real_step = GAN.train_step
+    calls = []
+
+    def step_that_blows_up(self, *args):
+        calls.append(1)
+        losses = real_step(self, *args)
+        return losses | {"loss_g": float("nan")} if len(calls) == 5 else losses
+
+    monkeypatch.setattr(GAN, "train_step", step_that_blows_up)
+    with pytest.raises(GenfastError, match=r"diverged at step 5 \(loss_g=nan\).*at step 4"):
+        train_tiny(tmp_path, steps=10, checkpoint_every=2)
+    kept = checkpoint.load(tmp_path / "checkpoint.safetensors")
+    assert kept.step == 4
+    assert all(torch.isfinite(v).all() for state in kept.modules.values() for v in state.values()
+               if v.is_floating_point())
+
+
+def test_run_folder_has_samples_tensorboard_and_a_loadable_checkpoint(tmp_path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = train_tiny(tmp_path, steps=20, sample_every=10, conditional=True)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000010.png", "step_0000020.png"]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss_d")] == [10, 20]
+    assert "samples" in events.Tags()["images"]
+    ckpt = checkpoint.load(path)
+    assert ckpt.dataset["class_names"][:2] == ["class0", "class1"]
+    assert ckpt.config["conditional"] and ckpt.config["num_classes"] == 10
+    assert 0 <= ckpt.extra["data_fraction"] < 1 and ckpt.extra["images_per_s"] > 0
+
+
+def test_impossible_batch_size_and_unlabelled_conditional(tmp_path: Path):
+    with pytest.raises(GenfastError, match="batch_size=100000 is impossible"):
+        train("gan", TrainOptions(out=tmp_path, data="fake", steps=1, progress=False), preset="tiny",
+              pairs=["batch_size=100000"])
+    with pytest.raises(GenfastError, match="batch_size=0 is impossible"):
+        train("gan", TrainOptions(out=tmp_path, data="fake", steps=1, progress=False), preset="tiny",
+              pairs=["batch_size=0"])
+    assert not (tmp_path / "checkpoint.safetensors").exists()
+
+
+def test_save_and_load_give_bit_identical_samples(tiny_cgan, tmp_path: Path):
+    a = pretrained.load(tiny_cgan).generate(30, seed=5, batch_size=8)
+    b = pretrained.load(tiny_cgan).generate(30, seed=5, batch_size=8)
+    assert torch.equal(a, b)
+    # Slimming (fp32) changes nothing a sampler uses.
+    slim = pretrained.slim(tiny_cgan, tmp_path / "slim.safetensors", half=False)
+    assert checkpoint.load(slim).inference_only
+    assert torch.equal(pretrained.load(slim).generate(30, seed=5, batch_size=8), a)
+    # Another seed gives other images; one class gives that class's images.
+    assert not torch.equal(pretrained.load(tiny_cgan).generate(30, seed=6, batch_size=8), a)
