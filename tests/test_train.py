@@ -114,3 +114,11 @@ def test_save_and_load_give_bit_identical_samples(tiny_cgan, tmp_path: Path):
     assert torch.equal(pretrained.load(slim).generate(30, seed=5, batch_size=8), a)
     # Another seed gives other images; one class gives that class's images.
     assert not torch.equal(pretrained.load(tiny_cgan).generate(30, seed=6, batch_size=8), a)
+
+
+def test_bf16_autocast_changes_the_arithmetic_not_the_result(tmp_path: Path):
+    fp32 = checkpoint.load(train_tiny(tmp_path / "fp32", steps=3)).modules["generator"]["fc.weight"]
+    bf16 = checkpoint.load(train_tiny(tmp_path / "bf16", steps=3, precision="bf16")).modules["generator"]["fc.weight"]
+    assert bf16.dtype == torch.float32  # master weights stay fp32
+    assert not torch.equal(fp32, bf16)  # autocast really ran the matmuls in bf16
+    assert (fp32 - bf16).abs().max() < 1e-2

@@ -90,7 +90,10 @@ def cmd_models(args: argparse.Namespace) -> None:
     for name, path in pretrained.shipped().items():
         header = checkpoint.read_header(path)
         size_mb = path.stat().st_size / 1e6
-        print(f"{name}\t{header['family']}\t{header['dataset']['name']}\tstep {header['step']}\t{size_mb:.1f} MB")
+        classes = f"{header['config']['num_classes']} classes" if header["config"].get("conditional") \
+            else "unconditional"
+        print(f"{name}\t{header['family']}\t{header['dataset']['name']}\t{classes}\tstep {header['step']}"
+              f"\t{size_mb:.1f} MB")
 
 
 def cmd_slim(args: argparse.Namespace) -> None:
