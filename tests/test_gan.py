@@ -40,7 +40,7 @@ def test_conditional_output_depends_on_the_label():
     d = Discriminator(cfg)
     x = torch.rand(1, 1, 28, 28).repeat(2, 1, 1, 1)
     a, b = d.eval()(x, torch.tensor([0, 1]))
-    assert a != b  # the projection term sees the label
+    assert a != b  # the one-hot label planes reach the discriminator
 
 
 def _params(module):

@@ -38,9 +38,9 @@ def test_resume_continues_the_same_run(tmp_path: Path, conditional):
 def test_resume_refuses_to_change_the_config(tmp_path: Path):
     train_tiny(tmp_path, steps=2)
     options = TrainOptions(out=tmp_path, data="fake", steps=4, resume=True, progress=False)
-    with pytest.raises(GenfastError, match="cannot change its config: lr_g"):
-        train("gan", options, preset="tiny", pairs=["lr_g=0.1"])
-    with pytest.raises(GenfastError, match="trained on 'fake'"):
+    with pytest.raises(GenfastError, match="can change only lr_g, lr_d, beta1, beta2, not: z_dim=9"):
+        train("gan", options, preset="tiny", pairs=["z_dim=9"])
+    with pytest.raises(GenfastError, match="whose data set is 'fake', not 'mnist'"):
         train("gan", TrainOptions(out=tmp_path, data="mnist", steps=4, resume=True, progress=False), preset="tiny")
 
 
@@ -122,3 +122,87 @@ def test_bf16_autocast_changes_the_arithmetic_not_the_result(tmp_path: Path):
     assert bf16.dtype == torch.float32  # master weights stay fp32
     assert not torch.equal(fp32, bf16)  # autocast really ran the matmuls in bf16
     assert (fp32 - bf16).abs().max() < 1e-2
+
+
+def test_class_index_selects_that_class(tiny_cgan):
+    sampler = pretrained.load(tiny_cgan)
+    threes = sampler.generate(6, seed=1, class_index=3)
+    noise = sampler.noise(6, seed=1)
+    assert torch.equal(threes, sampler(noise, torch.full((6,), 3)))
+    assert not torch.equal(threes, sampler(noise, torch.full((6,), 4)))
+    assert torch.equal(sampler.generate(6, seed=1, class_index="class3"), threes)  # by name too
+
+
+def test_class_names_win_over_indexes():
+    from genfast.families.base import Sampler
+
+    sampler = Sampler(lambda z, y: z, noise_shape=(1,), image_shape=(1, 1, 1), class_names=("10", "3", "7"))
+    assert sampler.class_index("7") == 2 and sampler.class_index("3") == 1  # names, as a user types them
+    assert sampler.class_index(2) == 2 and sampler.class_index("0") == 0    # an int, or text that is no name
+    with pytest.raises(GenfastError, match="class 5 is outside"):
+        sampler.class_index("5")
+
+
+def test_epochs_count_whole_passes_over_the_data(tmp_path: Path):
+    options = TrainOptions(out=tmp_path, data="fake", epochs=2, progress=False, sample_every=1000,
+                           checkpoint_every=1000)
+    ckpt = checkpoint.load(train("gan", options, preset="tiny"))
+    assert ckpt.step == 2 * (640 // 32) and ckpt.extra["steps_per_epoch"] == 20
+
+
+def test_resume_keeps_the_runs_seed(tmp_path: Path):
+    straight = checkpoint.load(train_tiny(tmp_path / "a", steps=6, seed=7))
+    train_tiny(tmp_path / "b", steps=3, seed=7)
+    resumed = checkpoint.load(train("gan", TrainOptions(out=tmp_path / "b", steps=6, resume=True, progress=False,
+                                                         sample_every=1000), preset="tiny"))
+    assert resumed.extra["seed"] == 7 and resumed.dataset["name"] == "fake"
+    assert torch.equal(straight.modules["generator"]["fc.weight"], resumed.modules["generator"]["fc.weight"])
+    with pytest.raises(GenfastError, match="whose seed is 7, not 8"):
+        train_tiny(tmp_path / "b", steps=9, seed=8, resume=True)
+
+
+def test_resume_may_lower_the_learning_rate(tmp_path: Path):
+    train_tiny(tmp_path, steps=2)
+    options = TrainOptions(out=tmp_path, steps=4, resume=True, progress=False, sample_every=1000)
+    path = train("gan", options, preset="tiny", pairs=["lr_g=1e-5"])
+    ckpt = checkpoint.load(path)
+    assert ckpt.config["lr_g"] == 1e-5
+    assert ckpt.optimizers["generator"]["param_groups"][0]["lr"] == 1e-5  # the optimizer really uses it
+    assert ckpt.optimizers["discriminator"]["param_groups"][0]["lr"] == 2e-4
+
+
+def test_ctrl_c_saves_the_last_whole_step(tmp_path: Path, monkeypatch):
+    import os
+    import signal
+
+    real_step = GAN.train_step
+    calls = []
+
+    def step_then_ctrl_c(self, *args):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step: the loop finishes the step first
+        return real_step(self, *args)
+
+    monkeypatch.setattr(GAN, "train_step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt, match="checkpoint saved at step 5.*--resume"):
+        train_tiny(tmp_path, steps=50, checkpoint_every=1000)
+    assert checkpoint.load(tmp_path / "checkpoint.safetensors").step == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler or callable(signal.getsignal(signal.SIGINT))
+
+
+def test_divergence_before_any_checkpoint_says_so(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(GAN, "train_step", lambda self, *args: {"loss_d": float("inf"), "loss_g": 1.0})
+    with pytest.raises(GenfastError, match="diverged at step 1 .*no checkpoint was written yet"):
+        train_tiny(tmp_path, steps=5)
+    assert not (tmp_path / "checkpoint.safetensors").exists()
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("lr_g=-1", "'lr_g' must be >= 0"), ("lr_d=nan", "'lr_d' must be >= 0"), ("z_dim=0", "'z_dim' must be > 0"),
+    ("beta1=1.5", "'beta1' must be in [0, 1)"), ("leaky_slope=-5", "'leaky_slope' must be >= 0"),
+    ("batch_size=1", "batch_size=1 is impossible"), ("channels=3", "channels are set by the data set"),
+])
+def test_bad_config_values_are_one_clear_error(tmp_path: Path, pair, message):
+    with pytest.raises(GenfastError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        train("gan", TrainOptions(out=tmp_path, data="fake", steps=1, progress=False), preset="tiny", pairs=[pair])

@@ -23,6 +23,7 @@ from genfast.fileio import atomic_path
 
 FORMAT = "genfast-checkpoint"
 FORMAT_VERSION = 1
+HEADER_FIELDS = {"family": str, "config": dict, "dataset": dict, "step": int, "optimizers": dict, "extra": dict}
 
 
 @dataclass
@@ -93,10 +94,11 @@ def save(checkpoint: Checkpoint, path: Path, half: bool = False) -> None:
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise GenfastError(f"cannot write checkpoint {path}: {e.strerror}") from None
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"genfast": json.dumps(header)})
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata={"genfast": json.dumps(header)})
+    except (OSError, SafetensorError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise GenfastError(f"cannot write checkpoint {path}: {reason}; the previous file, if any, is unchanged") from None
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -115,9 +117,17 @@ def read_header(path: Path) -> dict[str, Any]:
         header = json.loads(metadata["genfast"])
     except json.JSONDecodeError:
         raise GenfastError(f"checkpoint {path} has a corrupt header; retrain it or copy it again") from None
-    if header.get("format") != FORMAT or header.get("format_version", 0) > FORMAT_VERSION:
-        raise GenfastError(f"checkpoint {path} has format {header.get('format')} "
-                           f"v{header.get('format_version')}; this genfast reads v{FORMAT_VERSION}, upgrade genfast")
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise GenfastError(f"{path} has a 'genfast' header that is not a genfast checkpoint header; "
+                           f"the file is damaged or was edited")
+    if not isinstance(header.get("format_version"), int) or header["format_version"] > FORMAT_VERSION:
+        raise GenfastError(f"checkpoint {path} has format v{header.get('format_version')}; "
+                           f"this genfast reads v{FORMAT_VERSION}, upgrade genfast")
+    for key, kind in HEADER_FIELDS.items():
+        if not isinstance(header.get(key), kind):
+            raise GenfastError(f"checkpoint {path} has a damaged header (field '{key}'); retrain it or copy it again")
+    if not isinstance(header["dataset"].get("name"), str):
+        raise GenfastError(f"checkpoint {path} has a damaged header (field 'dataset.name'); retrain it or copy it again")
     return header
 
 
@@ -134,8 +144,11 @@ def load(path: Path) -> Checkpoint:
         if key.startswith("model."):
             module, _, name = key[len("model."):].partition(".")
             modules.setdefault(module, {})[name] = value.float() if value.dtype == torch.float16 else value
-    optimizers = {name: _unflatten_optimizer(name, meta, tensors) for name, meta in header["optimizers"].items()}
+    try:
+        optimizers = {name: _unflatten_optimizer(name, meta, tensors) for name, meta in header["optimizers"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise GenfastError(f"checkpoint {path} has damaged optimizer state; retrain it or copy it again") from None
     return Checkpoint(
         family=header["family"], config=header["config"], dataset=header["dataset"], step=header["step"],
-        modules=modules, optimizers=optimizers, extra=header.get("extra", {}),
+        modules=modules, optimizers=optimizers, extra=header["extra"],
     )

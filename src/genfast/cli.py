@@ -16,6 +16,7 @@ import torch
 from genfast import data, images, pretrained
 from genfast.errors import GenfastError
 from genfast.families import FAMILIES
+from genfast.families.base import MAX_SEED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,6 +24,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"genfast: error: {message} (see '{self.prog} --help')\n")
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}, got {value}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -49,27 +60,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"checkpoint: {path}")
 
 
-def _class_index(sampler, text: str | None) -> int | None:
-    """--class takes an index or a class name (case-insensitive)."""
-    if text is None:
-        return None
-    if text.lstrip("-").isdigit():
-        return int(text)
-    lowered = [name.lower() for name in sampler.class_names]
-    if text.lower() in lowered:
-        return lowered.index(text.lower())
-    raise GenfastError(f"unknown class '{text}'; this model's classes: "
-                       f"{', '.join(f'{i}={n}' for i, n in enumerate(sampler.class_names)) or 'none (unconditional)'}")
-
-
 def cmd_sample(args: argparse.Namespace) -> None:
     out: Path = args.out
     as_folder = out.is_dir() or not out.suffix
     if not as_folder and out.suffix.lower() != ".png":
         raise GenfastError(f"--out {out}: give a .png file for a grid or a folder for one PNG per image")
+    sampler = pretrained.load(args.model, device=args.device)  # a wrong name fails before anything is written
+    class_index = None if getattr(args, "class") is None else sampler.class_index(getattr(args, "class"))
+    if as_folder and out.is_dir() and any(out.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")):
+        raise GenfastError(f"{out} already holds numbered images; choose an empty or new folder")
     images.writable_target(out / "x.png" if as_folder else out)
-    sampler = pretrained.load(args.model, device=args.device)
-    class_index = _class_index(sampler, getattr(args, "class"))
     batches = sampler.batches(args.n, seed=args.seed, class_index=class_index, batch_size=args.batch_size,
                               progress=not args.quiet)
     if as_folder:  # written batch by batch, so a large -n never has to fit in memory at once
@@ -146,18 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("family", choices=sorted(FAMILIES), help="model family")
     # key=value config overrides are collected by main(), anywhere on the line.
     p.epilog = "Config overrides go anywhere as key=value, e.g. 'genfast train gan --data mnist lr_g=1e-4'."
-    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist | mnist | fake | folder:PATH")
+    p.add_argument("--data", help="fashion-mnist (default) | mnist | fake | folder:PATH; --resume keeps the run's")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, samples/, tb/")
     p.add_argument("--conditional", action="store_true", help="class-conditional variant")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=_positive, help="total epochs of the run (default 5)")
     length.add_argument("--steps", type=_positive, help="total optimisation steps of the run")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--seed", type=_seed, help="default 0; --resume keeps the run's")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (learning rates may change)")
     p.add_argument("--preset", default="default", help="named hyperparameter preset")
     p.add_argument("--config", type=Path, help="TOML file of config values")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="default fp32; --resume keeps the run's")
     p.add_argument("--sample-every", type=_positive, default=500, help="steps between sample grids")
     p.add_argument("--checkpoint-every", type=_positive, default=500, help="steps between checkpoints")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=_positive, default=64, help="number of images")
     p.add_argument("--out", type=Path, required=True, help="grid.png, or a folder for one PNG per image")
     p.add_argument("--class", help="class index or name (conditional models)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--batch-size", type=_positive, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("demo", help="write a grid from every shipped model")
     p.add_argument("--out", type=Path, default=Path("demo"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(run=cmd_demo)
 
     p = commands.add_parser("slim", help="write an inference-only copy of a checkpoint (how shipped models are made)")
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except GenfastError as e:
         print(f"genfast: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("genfast: interrupted; files already written are kept", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"genfast: interrupted{'; ' + str(e) if str(e) else ''}; files already written are kept", file=sys.stderr)
         return 130
     return 0

@@ -10,6 +10,7 @@ trains with the default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -51,7 +52,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             if annotation is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return annotation(value)
-    except ValueError:
+    except (ValueError, TypeError):
         raise GenfastError(f"config key '{key}' wants a {annotation.__name__}, got {value!r}") from None
     raise TypeError(f"config field '{key}' has an unsupported type {annotation!r}")
 
@@ -87,6 +88,8 @@ def load_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise GenfastError(f"config file {path} not found") from None
+    except OSError as e:
+        raise GenfastError(f"cannot read config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise GenfastError(f"config file {path} is not valid TOML: {e}") from None
 
@@ -101,6 +104,18 @@ def layered_values(presets: dict[str, dict[str, Any]], preset: str = "default", 
         values.update(load_toml(toml_path))
     values.update(parse_pairs(list(pairs)))
     return values
+
+
+def require(config: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+            unit: tuple[str, ...] = ()) -> None:
+    """Range checks a family runs before building, so a bad value is one clear error, not a crash."""
+    rules = [(positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+             (unit, lambda v: 0 <= v < 1, "in [0, 1)")]
+    for keys, ok, wanted in rules:
+        for key in keys:
+            value = getattr(config, key)
+            if not (math.isfinite(value) and ok(value)):
+                raise GenfastError(f"config key '{key}' must be {wanted}, got {value!r}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

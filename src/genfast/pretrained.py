@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from genfast import checkpoint, config as configlib
+from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import Sampler, get_family
 
@@ -41,31 +42,33 @@ def resolve(name_or_path: str | Path) -> Path:
                        f"shipped models: {', '.join(models) or 'none'} (see 'genfast models')")
 
 
-def load_modules(ckpt: checkpoint.Checkpoint, device: str | torch.device = "cpu"):
-    """Rebuild a checkpoint's family, config and networks (the inference ones at least)."""
-    family = get_family(ckpt.family)
-    config = configlib.from_dict(family.config_class, ckpt.config)
-    modules = family.build(config)
-    for name in list(modules):
-        if name not in ckpt.modules:
-            if name in family.inference_modules():
-                raise GenfastError(f"checkpoint lacks the '{name}' weights; it is incomplete, retrain it")
-            del modules[name]
-            continue
+def load_weights(modules: dict[str, torch.nn.Module], states: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Load each module's state; a missing module or a shape that does not fit is one clear error."""
+    for name, module in modules.items():
+        if name not in states:
+            raise GenfastError(f"checkpoint lacks the '{name}' weights; it is incomplete, retrain it")
         try:
-            modules[name].load_state_dict(ckpt.modules[name])
+            module.load_state_dict(states[name])
         except RuntimeError as e:
             raise GenfastError(f"checkpoint weights do not fit its config ({str(e).splitlines()[0]}); "
                                f"the file is damaged or was edited") from None
-        modules[name].to(device)
-    return family, config, modules
 
 
-def load(name_or_path: str | Path, device: str | torch.device = "cpu") -> Sampler:
-    """A shipped model's name or a checkpoint path -> its eager fp32 sampler."""
+def load_modules(ckpt: checkpoint.Checkpoint, device: str | torch.device = "cpu"):
+    """Rebuild a checkpoint's family, config and the networks it holds (the inference ones at least)."""
+    family = get_family(ckpt.family)
+    config = configlib.from_dict(family.config_class, ckpt.config)
+    modules = {name: module for name, module in family.build(config).items()
+               if name in ckpt.modules or name in family.inference_modules()}
+    load_weights(modules, ckpt.modules)
+    return family, config, {name: module.to(device) for name, module in modules.items()}
+
+
+def load(name_or_path: str | Path, device: str = "cpu") -> Sampler:
+    """A shipped model's name or a checkpoint path -> its eager fp32 sampler on `device`."""
     path = resolve(name_or_path)
     ckpt = checkpoint.load(path)
-    family, config, modules = load_modules(ckpt, device)
+    family, config, modules = load_modules(ckpt, resolve_device(device))
     sampler = family.sampler(modules, config, tuple(ckpt.dataset.get("class_names", ())))
     sampler.info = {"family": ckpt.family, "model": family.model_name(config), "dataset": ckpt.dataset["name"],
                     "step": ckpt.step, "path": str(path)}

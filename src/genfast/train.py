@@ -7,12 +7,16 @@ the same way (after minGPT's trainer, which knows nothing about the model).
 Randomness is a pure function of (seed, step): the data order of epoch e comes
 from a generator seeded with (seed, e) and the noise of step s from one seeded
 with (seed, s). A resumed run therefore draws exactly what the uninterrupted run
-would have drawn, and needs no RNG state in the checkpoint.
+would have drawn, and needs no RNG state in the checkpoint. (On a CPU the two
+end bit-identical; CUDA kernels are not bitwise deterministic, so there they end
+merely equivalent.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,40 +26,34 @@ import torch
 from tqdm import tqdm
 
 from genfast import checkpoint, config as configlib, data, images
+from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import get_family
+from genfast.families.base import MAX_SEED
+from genfast.pretrained import load_weights
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+DEFAULT_DATA = "fashion-mnist"
 DEFAULT_EPOCHS = 5
+# Config fields the data set decides; a user setting them would be silently overruled.
+DATA_KEYS = ("channels", "num_classes")
 
 
 @dataclass
 class TrainOptions:
     out: Path
-    data: str = "fashion-mnist"
+    data: str | None = None        # default DEFAULT_DATA; a resumed run keeps its own
     epochs: int | None = None      # total epochs of the run; default DEFAULT_EPOCHS
     steps: int | None = None       # or total optimisation steps (wins over epochs)
-    seed: int = 0
+    seed: int | None = None        # default 0; a resumed run keeps its own
     resume: bool = False
     device: str = "auto"           # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"        # fp32 | bf16 (autocast)
+    precision: str | None = None   # fp32 (default) | bf16 autocast; a resumed run keeps its own unless told
     sample_every: int = 500        # steps between sample grids (and at the end)
-    checkpoint_every: int = 500    # steps between checkpoints (and at the end)
+    checkpoint_every: int = 500    # steps between checkpoints (and at the end, and on Ctrl-C)
     log_every: int = 10            # steps between TensorBoard scalars
     max_loss: float = 1e4          # a loss above this, or NaN/inf, stops the run
     progress: bool = True
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise GenfastError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GenfastError(f"device '{name}' asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
-    return device
 
 
 def _seeded(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -71,65 +69,115 @@ def _autocast(device: torch.device, precision: str):
     raise GenfastError(f"unknown precision '{precision}'; use fp32 or bf16")
 
 
+@contextlib.contextmanager
+def _stop_between_steps():
+    """The first Ctrl-C asks the loop to stop after the step in progress (so the saved
+    checkpoint is a whole step); a second one interrupts at once."""
+    requested: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield requested
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def ask_to_stop(signum, frame):
+        requested.append(True)
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, ask_to_stop)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _saved_run(family, options: TrainOptions, ckpt_path: Path) -> checkpoint.Checkpoint | None:
+    """The checkpoint to resume (checked), or None for a new run in an unused folder."""
+    if not options.resume:
+        if ckpt_path.exists():
+            raise GenfastError(f"{ckpt_path} already exists; pass --resume to continue that run, "
+                               f"or choose another --out")
+        return None
+    saved = checkpoint.load(ckpt_path)
+    if saved.family != family.name:
+        raise GenfastError(f"{ckpt_path} is a '{saved.family}' checkpoint, not '{family.name}'; "
+                           f"resume it as that family")
+    if saved.inference_only:
+        raise GenfastError(f"{ckpt_path} is an inference-only checkpoint (no optimizer state); it cannot be resumed")
+    for what, asked, kept in (("data set", options.data, saved.dataset["name"]),
+                              ("seed", options.seed, saved.extra.get("seed"))):
+        if asked is not None and asked != kept:
+            raise GenfastError(f"--resume continues the saved run, whose {what} is {kept!r}, not {asked!r}; "
+                               f"drop that option or start a new run with another --out")
+    return saved
+
+
 def _config_for_run(family, asked: dict[str, Any], saved: checkpoint.Checkpoint | None):
-    """A new run builds its config from what was asked; a resumed one keeps the saved config,
-    and refuses a request that would change it (that would no longer be the same run)."""
+    """A new run builds its config from what was asked. A resumed run keeps the saved
+    config, except the optimizer's hyperparameters (a lower learning rate is how one
+    gets past a divergence); anything else would no longer be the same run."""
+    if fixed := [k for k in asked if k in DATA_KEYS]:
+        raise GenfastError(f"config key(s) {', '.join(fixed)} are set by the data set; drop them")
     if saved is None:
         return configlib.override(family.config_class(), asked)
     resumed = configlib.from_dict(family.config_class, saved.config)
     wanted = configlib.override(resumed, asked)
-    changed = [f"{k}={getattr(wanted, k)!r} (saved: {getattr(resumed, k)!r})"
-               for k in asked if getattr(wanted, k) != getattr(resumed, k)]
+    changed = [f"{k}={getattr(wanted, k)!r} (saved: {getattr(resumed, k)!r})" for k in asked
+               if getattr(wanted, k) != getattr(resumed, k) and k not in family.optimizer_keys]
     if changed:
-        raise GenfastError(f"--resume continues the saved run and cannot change its config: {'; '.join(changed)}; "
+        raise GenfastError(f"--resume continues the saved run and can change only "
+                           f"{', '.join(family.optimizer_keys)}, not: {'; '.join(changed)}; "
                            f"start a new run with another --out")
-    return resumed
+    return wanted
+
+
+def _restore(saved: checkpoint.Checkpoint, modules, optimizers) -> None:
+    """Load weights and optimizer state; the optimizers keep the current config's hyperparameters."""
+    load_weights(modules, saved.modules)
+    for name, opt in optimizers.items():
+        current = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+        try:
+            opt.load_state_dict(saved.optimizers[name])
+        except (KeyError, ValueError) as e:
+            raise GenfastError(f"the checkpoint's '{name}' optimizer state does not fit the model ({e}); "
+                               f"the file is damaged, start a new run") from None
+        for group, hyper in zip(opt.param_groups, current):
+            group.update(hyper)
 
 
 def train(family_name: str, options: TrainOptions, preset: str = "default", toml_path: Path | None = None,
           pairs: list[str] = (), conditional: bool = False) -> Path:
-    """Train a model; returns the path of its checkpoint."""
+    """Train a model (or continue one with options.resume); returns the path of its checkpoint."""
     family = get_family(family_name)
     out = Path(options.out)
     ckpt_path = out / CHECKPOINT_NAME
-    saved = None
-    if options.resume:
-        saved = checkpoint.load(ckpt_path)
-        if saved.family != family.name:
-            raise GenfastError(f"{ckpt_path} is a '{saved.family}' checkpoint, not '{family.name}'; "
-                               f"resume it with 'genfast train {saved.family} --resume'")
-        if saved.inference_only:
-            raise GenfastError(f"{ckpt_path} is an inference-only checkpoint (no optimizer state); it cannot be resumed")
-        if saved.dataset["name"] != options.data:
-            raise GenfastError(f"{ckpt_path} was trained on '{saved.dataset['name']}', not '{options.data}'; "
-                               f"pass --data {saved.dataset['name']}")
-    elif ckpt_path.exists():
-        raise GenfastError(f"{ckpt_path} already exists; pass --resume to continue that run, or choose another --out")
+    saved = _saved_run(family, options, ckpt_path)
+    data_name = saved.dataset["name"] if saved else options.data or DEFAULT_DATA
+    seed = saved.extra.get("seed", 0) if saved else 0 if options.seed is None else options.seed
+    precision = options.precision or (saved.extra.get("precision", "fp32") if saved else "fp32")
+    if not 0 <= seed <= MAX_SEED:
+        raise GenfastError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
+    _autocast(torch.device("cpu"), precision)  # reject an unknown precision before any work
 
     asked = configlib.layered_values(family.presets, preset, toml_path, pairs)
     if conditional:
         asked["conditional"] = True
     config = _config_for_run(family, asked, saved)
-    train_set = data.load(options.data, "train", image_size=config.image_size,
+    train_set = data.load(data_name, "train", image_size=config.image_size,
                           channels=config.channels if saved else None)
     if config.conditional and train_set.labels is None:
-        raise GenfastError(f"data set '{options.data}' has no labels, so it cannot train a conditional model")
-    config = configlib.override(config, {"channels": train_set.image_shape[0],
-                                         "num_classes": train_set.num_classes})
-    if config.batch_size < 1 or config.batch_size > len(train_set):
+        raise GenfastError(f"data set '{data_name}' has no labels, so it cannot train a conditional model")
+    config = configlib.override(config, {"channels": train_set.image_shape[0], "num_classes": train_set.num_classes})
+    if not 2 <= config.batch_size <= len(train_set):  # BatchNorm needs two examples a batch
         raise GenfastError(f"batch_size={config.batch_size} is impossible for {len(train_set)} training images; "
-                           f"choose 1..{len(train_set)}")
+                           f"choose 2..{len(train_set)}")
 
     device = resolve_device(options.device)
-    torch.manual_seed(options.seed)  # weight initialisation
+    torch.manual_seed(seed)  # weight initialisation
     modules = {name: m.to(device) for name, m in family.build(config).items()}
     optimizers = family.optimizers(modules, config)
     start = 0
     if saved is not None:
-        for name, module in modules.items():
-            module.load_state_dict(saved.modules[name])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(saved.optimizers[name])
+        _restore(saved, modules, optimizers)
         start = saved.step
 
     steps_per_epoch = len(train_set) // config.batch_size
@@ -137,21 +185,20 @@ def train(family_name: str, options: TrainOptions, preset: str = "default", toml
         total = options.steps
     elif options.epochs is not None:
         total = options.epochs * steps_per_epoch
-    elif saved is not None:
-        total = saved.extra["total_steps"]
     else:
-        total = DEFAULT_EPOCHS * steps_per_epoch
-    if total < 1:
-        raise GenfastError(f"nothing to train: --steps/--epochs gives {total} steps")
+        total = saved.extra.get("total_steps", 0) if saved else DEFAULT_EPOCHS * steps_per_epoch
     if total <= start:
-        raise GenfastError(f"{ckpt_path} is already at step {start}; ask for more than {start} steps to continue")
+        raise GenfastError(f"nothing to train: the run is at step {start} and {total} steps were asked for; "
+                           f"ask for more with --steps or --epochs")
 
-    dataset_info = {"name": options.data, "class_names": list(train_set.class_names),
+    dataset_info = {"name": data_name, "class_names": list(train_set.class_names),
                     "image_shape": list(train_set.image_shape), "train_size": len(train_set),
                     "source": train_set.source}
-    run_info = {"seed": options.seed, "total_steps": total, "steps_per_epoch": steps_per_epoch,
-                "precision": options.precision, "device": str(device),
-                "model_name": family.model_name(config)}
+    if saved is not None and saved.dataset.get("train_size") not in (None, len(train_set)):
+        raise GenfastError(f"data set '{data_name}' now has {len(train_set)} training images, the saved run had "
+                           f"{saved.dataset['train_size']}; it is not the same data, start a new run")
+    run_info = {"seed": seed, "total_steps": total, "steps_per_epoch": steps_per_epoch,
+                "precision": precision, "device": str(device), "model_name": family.model_name(config)}
 
     def save(step: int) -> None:
         checkpoint.save(checkpoint.Checkpoint(
@@ -160,13 +207,11 @@ def train(family_name: str, options: TrainOptions, preset: str = "default", toml
             optimizers={n: o.state_dict() for n, o in optimizers.items()}, extra=run_info), ckpt_path)
 
     class_names = train_set.class_names if config.conditional else ()
-    preview_n = 10 * len(class_names) if class_names else 64
 
     def save_samples(step: int, writer) -> None:
-        sampler = family.sampler(modules, config, class_names)
-        grid = sampler.generate(preview_n, seed=options.seed)
-        images.save_grid(grid, out / "samples" / f"step_{step:07d}.png",
-                         nrow=len(class_names) or None)
+        """The same noise every time, so the grids show the model's progress and nothing else."""
+        grid = family.sampler(modules, config, class_names).generate(10 * len(class_names) or 64, seed=seed)
+        images.save_grid(grid, out / "samples" / f"step_{step:07d}.png", nrow=len(class_names) or None)
         writer.add_images("samples", images.to_uint8(grid), step, dataformats="NCHW")
         for module in modules.values():
             module.train()
@@ -174,6 +219,7 @@ def train(family_name: str, options: TrainOptions, preset: str = "default", toml
     from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
 
     images.writable_target(ckpt_path)
+    # purge_step: a resumed run drops events logged after its checkpoint by the run it continues.
     writer = SummaryWriter(str(out / "tb"), purge_step=start or None)
     # The sets fit in memory (Fashion-MNIST is 47 MB as uint8), so they go to the device
     # once and batches are cut and scaled there: no loader processes, no copies per step.
@@ -184,48 +230,55 @@ def train(family_name: str, options: TrainOptions, preset: str = "default", toml
 
     epoch_order: dict[int, torch.Tensor] = {}
     data_seconds = step_seconds = 0.0
+    last_saved = done = start
     bar = tqdm(total=total, initial=start, unit="step", disable=not options.progress,
-               desc=f"train {family.model_name(config)} on {options.data}")
-    last_saved = start
-    try:
-        for step in range(start, total):
-            t0 = time.perf_counter()
-            epoch, index = divmod(step, steps_per_epoch)
-            if epoch not in epoch_order:
-                epoch_order = {epoch: torch.randperm(len(train_set), generator=_seeded(options.seed, epoch))}
-            batch = epoch_order[epoch][index * config.batch_size:(index + 1) * config.batch_size].to(device)
-            x = images.to_float(all_images[batch])
-            y = all_labels[batch] if all_labels is not None else None
-            t1 = time.perf_counter()
-            with _autocast(device, options.precision):
-                losses = family.train_step(modules, optimizers, x, y, _seeded(options.seed, step, device), config)
-            t2 = time.perf_counter()
-            data_seconds += t1 - t0
-            step_seconds += t2 - t1
+               desc=f"train {family.model_name(config)} on {data_name}")
+    with _stop_between_steps() as stop_requested:
+        try:
+            for step in range(start, total):
+                t0 = time.perf_counter()
+                epoch, index = divmod(step, steps_per_epoch)
+                if epoch not in epoch_order:
+                    epoch_order = {epoch: torch.randperm(len(train_set), generator=_seeded(seed, epoch))}
+                batch = epoch_order[epoch][index * config.batch_size:(index + 1) * config.batch_size].to(device)
+                x = images.to_float(all_images[batch])
+                y = all_labels[batch] if all_labels is not None else None
+                t1 = time.perf_counter()
+                with _autocast(device, precision):
+                    losses = family.train_step(modules, optimizers, x, y, _seeded(seed, step, device), config)
+                t2 = time.perf_counter()
+                data_seconds += t1 - t0
+                step_seconds += t2 - t1
 
-            bad = {k: v for k, v in losses.items() if k.startswith("loss") and not (abs(v) <= options.max_loss)}
-            if bad:
-                what = ", ".join(f"{k}={v:.4g}" for k, v in bad.items())
-                raise GenfastError(f"training diverged at step {step + 1} ({what}); the last good checkpoint "
-                                   f"is {ckpt_path} at step {last_saved}; lower the learning rate and --resume "
-                                   f"or start again")
-            done = step + 1
-            if done % options.log_every == 0 or done == total:
-                for key, value in losses.items():
-                    writer.add_scalar(f"train/{key}", value, done)
-                writer.add_scalar("train/images_per_s", (done - start) * config.batch_size / step_seconds, done)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k.startswith("loss")}
-                            | {"img/s": f"{(done - start) * config.batch_size / step_seconds:.0f}"})
-            if done % options.sample_every == 0 or done == total:
-                save_samples(done, writer)
-            if done % options.checkpoint_every == 0 or done == total:
-                run_info["images_per_s"] = round((done - start) * config.batch_size / step_seconds, 1)
-                run_info["data_fraction"] = round(data_seconds / (data_seconds + step_seconds), 4)
-                save(done)
-                last_saved = done
-    finally:
-        bar.close()
-        writer.close()
+                bad = {k: v for k, v in losses.items() if k.startswith("loss") and not abs(v) <= options.max_loss}
+                if bad:
+                    what = ", ".join(f"{k}={v:.4g}" for k, v in bad.items())
+                    kept = (f"the last good checkpoint is {ckpt_path} at step {last_saved}; continue it with --resume "
+                            f"and a lower {' or '.join(k for k in family.optimizer_keys if k.startswith('lr'))}"
+                            if ckpt_path.exists() else
+                            "no checkpoint was written yet; start again with a lower learning rate")
+                    raise GenfastError(f"training diverged at step {step + 1} ({what}); {kept}")
+                done = step + 1
+                images_per_s = (done - start) * config.batch_size / step_seconds
+                if done % options.log_every == 0 or done == total:
+                    for key, value in losses.items():
+                        writer.add_scalar(f"train/{key}", value, done)
+                    writer.add_scalar("train/images_per_s", images_per_s, done)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k.startswith("loss")}
+                                | {"img/s": f"{images_per_s:.0f}"})
+                if done % options.sample_every == 0 or done == total:
+                    save_samples(done, writer)
+                if done % options.checkpoint_every == 0 or done == total:
+                    run_info["images_per_s"] = round(images_per_s, 1)
+                    run_info["data_fraction"] = round(data_seconds / (data_seconds + step_seconds), 4)
+                    save(done)
+                    last_saved = done
+                if stop_requested:
+                    if done > last_saved:
+                        save(done)
+                    raise KeyboardInterrupt(f"checkpoint saved at step {done} in {ckpt_path}; continue with --resume")
+        finally:
+            bar.close()
+            writer.close()
     return ckpt_path
-

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from genfast.errors import GenfastError
 
+MAX_SEED = 2**32 - 1
 SampleFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -44,23 +45,44 @@ class Sampler:
 
     def noise(self, n: int, seed: int) -> torch.Tensor:
         """The noise for images 0..n-1 of `seed`: the same whatever the batch size."""
+        if not 0 <= seed <= MAX_SEED:
+            raise GenfastError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
         generator = torch.Generator().manual_seed(seed)
         return torch.randn(n, *self.noise_shape, generator=generator)
 
-    def labels(self, n: int, class_index: int | None = None) -> torch.Tensor | None:
+    def class_index(self, name_or_index: str | int) -> int:
+        """A class index (int), or a class name or index as text (`--class`) -> the index.
+
+        Text is matched against the names first (exactly, then ignoring case), since a
+        folder data set may name its classes "3" and "7"; then read as an index.
+        """
+        if not self.conditional:
+            raise GenfastError("a class was asked for, but this model is unconditional")
+        listing = ", ".join(f"{i}={n}" for i, n in enumerate(self.class_names))
+        if isinstance(name_or_index, str):
+            lowered = [n.lower() for n in self.class_names]
+            if name_or_index in self.class_names:
+                return self.class_names.index(name_or_index)
+            if name_or_index.lower() in lowered:
+                return lowered.index(name_or_index.lower())
+            if not name_or_index.lstrip("-").isdigit():
+                raise GenfastError(f"unknown class '{name_or_index}'; this model's classes: {listing}")
+        index = int(name_or_index)
+        if not 0 <= index < self.num_classes:
+            raise GenfastError(f"class {index} is outside this model's classes 0..{self.num_classes - 1} ({listing})")
+        return index
+
+    def labels(self, n: int, class_index: str | int | None = None) -> torch.Tensor | None:
         """Labels for n images: all `class_index`, or cycling through the classes."""
         if not self.conditional:
             if class_index is not None:
-                raise GenfastError("--class needs a class-conditional model; this one is unconditional")
+                raise GenfastError("a class was asked for, but this model is unconditional")
             return None
         if class_index is None:
             return torch.arange(n) % self.num_classes
-        if not 0 <= class_index < self.num_classes:
-            raise GenfastError(f"class {class_index} is outside this model's classes 0..{self.num_classes - 1} "
-                               f"({', '.join(self.class_names)})")
-        return torch.full((n,), class_index, dtype=torch.long)
+        return torch.full((n,), self.class_index(class_index), dtype=torch.long)
 
-    def batches(self, n: int, seed: int = 0, class_index: int | None = None, batch_size: int = 256,
+    def batches(self, n: int, seed: int = 0, class_index: str | int | None = None, batch_size: int = 256,
                 progress: bool = False) -> Iterator[torch.Tensor]:
         """n images for `seed`, made and handed out `batch_size` at a time (on the CPU)."""
         if n < 1:
@@ -74,7 +96,7 @@ class Sampler:
                 yield self.fn(noise[start:end], None if labels is None else labels[start:end]).cpu()
                 bar.update(end - start)
 
-    def generate(self, n: int, seed: int = 0, class_index: int | None = None, batch_size: int = 256,
+    def generate(self, n: int, seed: int = 0, class_index: str | int | None = None, batch_size: int = 256,
                  progress: bool = False) -> torch.Tensor:
         """n images for `seed` as one (n, C, H, W) tensor in [-1, 1]."""
         return torch.cat(list(self.batches(n, seed, class_index, batch_size, progress)))
@@ -86,6 +108,7 @@ class Family(Protocol):
     name: str             # registry key: "gan", "vae", "ar"
     config_class: type    # the hyperparameter dataclass
     presets: dict[str, dict[str, Any]]
+    optimizer_keys: tuple[str, ...]  # config keys a resumed run may change (learning rates, betas)
 
     def model_name(self, config: Any) -> str:
         """Short name of the variant for people: "gan" or "cgan"."""

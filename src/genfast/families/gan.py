@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genfast.config import require
 from genfast.errors import GenfastError
 from genfast.families.base import Sampler
 
@@ -129,11 +130,15 @@ class GAN:
     name = "gan"
     config_class = GANConfig
     presets = PRESETS
+    optimizer_keys = ("lr_g", "lr_d", "beta1", "beta2")
 
     def model_name(self, config: GANConfig) -> str:
         return "cgan" if config.conditional else "gan"
 
     def build(self, config: GANConfig) -> dict[str, nn.Module]:
+        require(config, positive=("z_dim", "hidden_channels", "conv_channels", "disc_channels", "class_embed_dim",
+                                  "batch_size", "image_size"),
+                unit=("beta1", "beta2"), non_negative=("leaky_slope", "lr_g", "lr_d"))  # lr 0 freezes a network
         if config.image_size % 4:
             raise GenfastError(f"image_size must be a multiple of 4 for the DCGAN, got {config.image_size}")
         if config.conditional and config.num_classes < 2:
