@@ -1,4 +1,5 @@
 import os
+import re
 import pickle
 from pathlib import Path
 
@@ -118,5 +119,5 @@ def test_malformed_headers_are_one_clear_error(tmp_path: Path, header, message):
 
     save_file({"model.generator.x": torch.zeros(1)}, tmp_path / "c.safetensors",
               metadata={"genfast": json.dumps(header)})
-    with pytest.raises(GenfastError, match=message):
+    with pytest.raises(GenfastError, match=re.escape(message)):
         checkpoint.load(tmp_path / "c.safetensors")
