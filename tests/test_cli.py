@@ -55,14 +55,14 @@ def test_models_lists_shipped_checkpoints_name_first(capsys):
     assert names == sorted(pretrained.shipped())
     for line in out.splitlines():
         name, family, dataset = line.split("\t")[:3]
-        assert name.endswith(dataset) and family == "gan"
+        assert name.endswith(dataset) and name.split("-")[0] in (family, "c" + family)
 
 
 def test_demo_writes_a_grid_per_shipped_model(tmp_path: Path, capsys):
     status, out, _ = run(capsys, "demo", "--out", tmp_path)
     assert status == 0
-    assert sorted(p.stem for p in tmp_path.glob("*.png")) == sorted(pretrained.shipped())
-    assert len(pretrained.shipped()) >= 4
+    assert sorted(p.stem for p in tmp_path.glob("*.png")) == sorted(pretrained.shipped(generative=True))
+    assert len(pretrained.shipped(generative=True)) >= 8  # gan, cgan, vae, cvae for two data sets
 
 
 BAD_INPUTS = {

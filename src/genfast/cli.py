@@ -92,6 +92,8 @@ def cmd_models(args: argparse.Namespace) -> None:
         size_mb = path.stat().st_size / 1e6
         classes = f"{header['config']['num_classes']} classes" if header["config"].get("conditional") \
             else "unconditional"
+        if "test" in header["extra"]:  # a classifier: its held-out accuracy is what matters
+            classes += f", test accuracy {header['extra']['test']['accuracy']:.4f}"
         print(f"{name}\t{header['family']}\t{header['dataset']['name']}\t{classes}\tstep {header['step']}"
               f"\t{size_mb:.1f} MB")
 
@@ -103,7 +105,7 @@ def cmd_slim(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Grids from every shipped model: what `make demo` shows a new user."""
-    models = pretrained.shipped()
+    models = pretrained.shipped(generative=True)
     if not models:
         raise GenfastError("no shipped models found in the package; reinstall genfast")
     for name in models:

@@ -23,9 +23,14 @@ def models_dir() -> Path:
     return Path(str(resources.files("genfast") / "models"))
 
 
-def shipped() -> dict[str, Path]:
-    """Name -> path of every shipped checkpoint, sorted by name."""
-    return {p.name.removesuffix(".safetensors"): p for p in sorted(models_dir().glob("*.safetensors"))}
+def shipped(generative: bool | None = None) -> dict[str, Path]:
+    """Name -> path of every shipped checkpoint, sorted by name; `generative` filters
+    to the image generators (True) or to the classifiers (False)."""
+    models = {p.name.removesuffix(".safetensors"): p for p in sorted(models_dir().glob("*.safetensors"))}
+    if generative is None:
+        return models
+    return {name: path for name, path in models.items()
+            if get_family(checkpoint.read_header(path)["family"]).generative == generative}
 
 
 def resolve(name_or_path: str | Path) -> Path:
@@ -69,6 +74,9 @@ def load(name_or_path: str | Path, device: str = "cpu") -> Sampler:
     path = resolve(name_or_path)
     ckpt = checkpoint.load(path)
     family, config, modules = load_modules(ckpt, resolve_device(device))
+    if not family.generative:
+        raise GenfastError(f"{name_or_path} is a {family.name}, which does not generate images; "
+                           f"give a gan or vae checkpoint")
     sampler = family.sampler(modules, config, tuple(ckpt.dataset.get("class_names", ())))
     sampler.info = {"family": ckpt.family, "model": family.model_name(config), "dataset": ckpt.dataset["name"],
                     "step": ckpt.step, "path": str(path)}

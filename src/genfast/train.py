@@ -216,6 +216,17 @@ def train(family_name: str, options: TrainOptions, preset: str = "default", toml
         for module in modules.values():
             module.train()
 
+    test_split: list[data.ImageSet] = []  # loaded at the first evaluation only
+
+    def evaluate(step: int, writer) -> None:
+        """A non-generative model (the classifier) is judged on the held-out split instead."""
+        if not test_split:
+            test_split.append(data.load(data_name, "test", image_size=config.image_size, channels=config.channels))
+        scores = family.evaluate(modules, config, images.to_float(test_split[0].images), test_split[0].labels)
+        for key, value in scores.items():
+            writer.add_scalar(f"test/{key}", value, step)
+        run_info["test"] = scores
+
     from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
 
     images.writable_target(ckpt_path)
@@ -267,9 +278,11 @@ def train(family_name: str, options: TrainOptions, preset: str = "default", toml
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k.startswith("loss")}
                                 | {"img/s": f"{images_per_s:.0f}"})
-                if done % options.sample_every == 0 or done == total:
+                if (done % options.sample_every == 0 or done == total) and family.generative:
                     save_samples(done, writer)
                 if done % options.checkpoint_every == 0 or done == total:
+                    if not family.generative:
+                        evaluate(done, writer)
                     run_info["images_per_s"] = round(images_per_s, 1)
                     run_info["data_fraction"] = round(data_seconds / (data_seconds + step_seconds), 4)
                     save(done)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from genfast.errors import GenfastError
 from genfast.families.base import Family, Sampler
+from genfast.families.classifier import Classifier
 from genfast.families.gan import GAN
+from genfast.families.vae import VAE
 
-FAMILIES: dict[str, Family] = {"gan": GAN()}
+# The generative families, and the classifier that judges them (trained by the same trainer).
+FAMILIES: dict[str, Family] = {"gan": GAN(), "vae": VAE(), "classifier": Classifier()}
 
 
 def get_family(name: str) -> Family:

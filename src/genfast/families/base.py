@@ -109,6 +109,7 @@ class Family(Protocol):
     config_class: type    # the hyperparameter dataclass
     presets: dict[str, dict[str, Any]]
     optimizer_keys: tuple[str, ...]  # config keys a resumed run may change (learning rates, betas)
+    generative: bool      # False for the classifier: no sampler, but evaluate() on the test split
 
     def model_name(self, config: Any) -> str:
         """Short name of the variant for people: "gan" or "cgan"."""

@@ -130,6 +130,7 @@ class GAN:
     name = "gan"
     config_class = GANConfig
     presets = PRESETS
+    generative = True
     optimizer_keys = ("lr_g", "lr_d", "beta1", "beta2")
 
     def model_name(self, config: GANConfig) -> str:
