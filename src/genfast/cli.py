@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from genfast import data, images, pretrained
+from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import FAMILIES
 from genfast.families.base import MAX_SEED
@@ -65,23 +66,75 @@ def cmd_sample(args: argparse.Namespace) -> None:
     as_folder = out.is_dir() or not out.suffix
     if not as_folder and out.suffix.lower() != ".png":
         raise GenfastError(f"--out {out}: give a .png file for a grid or a folder for one PNG per image")
+    if (args.reconstruct or args.interpolate) and as_folder:
+        raise GenfastError("--reconstruct and --interpolate make one grid: give --out a .png file")
     sampler = pretrained.load(args.model, device=args.device)  # a wrong name fails before anything is written
     class_index = None if getattr(args, "class") is None else sampler.class_index(getattr(args, "class"))
     if as_folder and out.is_dir() and any(out.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")):
         raise GenfastError(f"{out} already holds numbered images; choose an empty or new folder")
     images.writable_target(out / "x.png" if as_folder else out)
-    batches = sampler.batches(args.n, seed=args.seed, class_index=class_index, batch_size=args.batch_size,
-                              progress=not args.quiet)
-    if as_folder:  # written batch by batch, so a large -n never has to fit in memory at once
+    if args.reconstruct:
+        grid, nrow = _reconstructions(args, class_index), min(args.n, 10)
+        what = f"{args.n} test images (odd rows) and their reconstructions (even rows)"
+    elif args.interpolate:
+        grid, nrow = sampler.interpolate(args.n, args.steps, seed=args.seed, class_index=class_index), args.steps
+        what = f"{args.n} walks of {args.steps} steps between pairs of samples"
+    elif as_folder:  # written batch by batch, so a large -n never has to fit in memory at once
         written = 0
-        for batch in batches:
+        for batch in sampler.batches(args.n, args.seed, class_index, args.batch_size, progress=not args.quiet):
             written += len(images.save_each(batch, out, start=written))
         print(f"wrote {written} images to {out}/")
+        return
     else:
-        pictures = torch.cat(list(batches))
-        conditional_rows = sampler.conditional and class_index is None and args.n % sampler.num_classes == 0
-        images.save_grid(pictures, out, nrow=sampler.num_classes if conditional_rows else None)
-        print(f"wrote a grid of {args.n} images to {out}")
+        grid = sampler.generate(args.n, args.seed, class_index, args.batch_size, progress=not args.quiet)
+        nrow = sampler.num_classes if sampler.conditional and class_index is None \
+            and args.n % sampler.num_classes == 0 else None
+        what = f"{args.n} images"
+    images.save_grid(grid, out, nrow=nrow)
+    print(f"wrote a grid of {what} to {out}")
+
+
+def _reconstructions(args: argparse.Namespace, class_index: int | None) -> torch.Tensor:
+    """Real test images, each block of ten followed by its reconstructions (VAE only)."""
+    from genfast import checkpoint, data
+
+    ckpt = checkpoint.load(pretrained.resolve(args.model))
+    family, config, modules = pretrained.load_modules(ckpt, resolve_device(args.device))
+    if not hasattr(family, "reconstruct"):
+        raise GenfastError(f"--reconstruct needs a model with an encoder (vae); {args.model} is a {family.name}")
+    test = data.load(ckpt.dataset["name"], "test", image_size=config.image_size, channels=config.channels)
+    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
+    if class_index is not None:
+        pick = pick[test.labels[pick] == class_index]
+    pick = pick[:args.n]
+    originals = images.to_float(test.images[pick])
+    rebuilt = family.reconstruct(modules, config, originals, test.labels[pick])
+    rows = [t for start in range(0, len(pick), 10) for t in (originals[start:start + 10], rebuilt[start:start + 10])]
+    return torch.cat(rows)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from genfast import metrics
+
+    if args.json:
+        images.writable_target(args.json)  # fail before minutes of work, not after
+    sampler = pretrained.load(args.model, device=args.device)
+    result = metrics.evaluate(sampler, n=args.n, seed=args.seed, batch_size=args.batch_size,
+                              classifier=args.classifier, device=args.device, progress=not args.quiet)
+    print(f"{args.model} on {result['dataset']} ({result['data_source']}), judged by {result['classifier']}")
+    print(f"| metric | generated (n={result['n']}) | real train (n={result['n_real_train']}) |")
+    print("| --- | ---: | ---: |")
+    print(f"| FID vs test split (n={result['n_test']}) | {result['fid']:.3f} ± {result['fid_std']:.3f} "
+          f"| {result['real_fid']:.3f} ± {result['real_fid_std']:.3f} |")
+    print(f"| KID | {result['kid']:.4f} ± {result['kid_std']:.4f} | {result['real_kid']:.4f} ± {result['real_kid_std']:.4f} |")
+    if "accuracy" in result:
+        print(f"| class accuracy | {result['accuracy']:.4f} | {result['real_accuracy']:.4f} (test split) |")
+        print("per class: " + ", ".join(f"{name} {acc:.3f}" for name, acc in result["per_class_accuracy"].items()))
+    if args.json:
+        from genfast.fileio import write_bytes
+
+        write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -174,7 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--reconstruct", action="store_true",
+                      help="n real test images beside their reconstructions (vae; needs the data set)")
+    mode.add_argument("--interpolate", action="store_true",
+                      help="n rows, each a walk (--steps images) between two samples")
+    p.add_argument("--steps", type=_positive, default=10, help="images per walk for --interpolate")
     p.set_defaults(run=cmd_sample)
+
+    p = commands.add_parser("eval", help="FID, KID and class accuracy of a model against the test split")
+    p.add_argument("model", help="checkpoint path or shipped model name")
+    p.add_argument("-n", type=_positive, default=10_000, help="number of generated images (default 10000)")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--json", type=Path, help="also write the results as JSON")
+    p.add_argument("--classifier", help="feature network (default: the shipped classifier of the data set)")
+    p.add_argument("--batch-size", type=_positive, default=500)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_eval)
 
     p = commands.add_parser("models", help="list the shipped models, one per line, name first")
     p.set_defaults(run=cmd_models)

@@ -96,10 +96,34 @@ class Sampler:
                 yield self.fn(noise[start:end], None if labels is None else labels[start:end]).cpu()
                 bar.update(end - start)
 
+    def interpolate(self, rows: int, steps: int, seed: int = 0, class_index: str | int | None = None) -> torch.Tensor:
+        """rows walks of `steps` images each, from one sample of `seed` to another, row by row.
+
+        A conditional model keeps each row in one class (`class_index`, or cycling)."""
+        if steps < 2:
+            raise GenfastError(f"an interpolation needs at least 2 steps, got {steps}")
+        ends = self.noise(2 * rows, seed).flatten(1)
+        t = torch.linspace(0, 1, steps).repeat(rows)
+        a, b = ends[0::2].repeat_interleave(steps, 0), ends[1::2].repeat_interleave(steps, 0)
+        noise = slerp(a, b, t).view(rows * steps, *self.noise_shape)
+        labels = self.labels(rows, class_index)
+        return self.fn(noise, None if labels is None else labels.repeat_interleave(steps)).cpu()
+
     def generate(self, n: int, seed: int = 0, class_index: str | int | None = None, batch_size: int = 256,
                  progress: bool = False) -> torch.Tensor:
         """n images for `seed` as one (n, C, H, W) tensor in [-1, 1]."""
         return torch.cat(list(self.batches(n, seed, class_index, batch_size, progress)))
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between rows of a and b at fractions t: the path that stays
+    where Gaussian noise lives (a straight line passes through improbably short vectors)."""
+    a_unit, b_unit = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
+    omega = torch.acos((a_unit * b_unit).sum(-1, keepdim=True).clamp(-1, 1))
+    t = t[:, None]
+    so = torch.sin(omega)
+    mixed = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / so.clamp_min(1e-7)
+    return torch.where(so > 1e-7, mixed, (1 - t) * a + t * b)  # (anti)parallel: fall back to a line
 
 
 class Family(Protocol):

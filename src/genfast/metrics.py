@@ -1,0 +1,189 @@
+"""FID, KID and class accuracy: how good a generator's images are, judged by a classifier.
+
+No Inception weights exist offline, so the judge is the small CNN trained on the
+same data set (families/classifier.py): its 256-feature penultimate layer is the
+space in which FID and KID compare generated images with the held-out test split,
+and its predictions give the class accuracy of conditional samples.
+
+Features are computed once per image set and divided by the RMS of the test
+split's features (a constant per data set); torchmetrics then computes FID and KID
+from them (its `feature=` module is a pass-through that announces the feature
+width), which lets the bootstrap below reuse the same features instead of
+running the network again. Every number is printed beside the same metric for
+real training images against the test split, which gives it a scale.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+from tqdm import tqdm
+
+# torchmetrics warns that KID keeps every feature in memory: 10,000 x 256 doubles is 20 MB.
+warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save all extracted features")
+
+from genfast import checkpoint, data, images, pretrained
+from genfast.errors import GenfastError
+from genfast.families import Sampler
+
+BOOTSTRAP_ROUNDS = 10
+KID_SUBSET = 1000
+
+
+class PassThrough(nn.Module):
+    """torchmetrics' feature= module for features computed beforehand."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+@dataclass
+class Judge:
+    """A trained classifier, as feature network and labeller of one data set."""
+
+    net: nn.Module
+    dataset: str
+    name: str
+    test_accuracy: float | None
+
+    @property
+    def num_features(self) -> int:
+        return self.net.num_features
+
+    @property
+    def min_samples(self) -> int:
+        # A covariance of d features needs well over d samples to be full rank.
+        return 2 * self.num_features
+
+    @torch.inference_mode()
+    def embed(self, batches: Iterable[torch.Tensor], total: int, desc: str,
+              progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """[-1, 1] image batches -> (features (N, d) float64, predicted classes (N,))."""
+        device = next(self.net.parameters()).device
+        features, predictions = [], []
+        with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+            for batch in batches:
+                f = self.net.features(batch.to(device))
+                features.append(f.double().cpu())
+                predictions.append(self.net.head(f).argmax(1).cpu())
+                bar.update(len(batch))
+        return torch.cat(features), torch.cat(predictions)
+
+
+def load_judge(dataset: str, classifier: str | None = None, device: str = "cpu") -> Judge:
+    """The shipped classifier of `dataset`, or the given checkpoint (which must be of that data set)."""
+    name = classifier or f"classifier-{dataset}"
+    try:
+        ckpt = checkpoint.load(pretrained.resolve(name))
+    except GenfastError:
+        if classifier:
+            raise
+        raise GenfastError(f"no feature network for data set '{dataset}'; train one with "
+                           f"'genfast train classifier --data {dataset} --out DIR' and pass --classifier "
+                           f"DIR/checkpoint.safetensors") from None
+    if ckpt.family != "classifier":
+        raise GenfastError(f"{name} is a '{ckpt.family}' checkpoint, not a classifier")
+    if ckpt.dataset["name"] != dataset:
+        raise GenfastError(f"the feature network {name} was trained on '{ckpt.dataset['name']}', the model on "
+                           f"'{dataset}'; FID needs one trained on '{dataset}' (--classifier)")
+    _, _, modules = pretrained.load_modules(ckpt, device)
+    return Judge(modules["classifier"].eval(), dataset, str(name), ckpt.extra.get("test", {}).get("accuracy"))
+
+
+def _batches(pixels: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
+    """uint8 images -> [-1, 1] float batches."""
+    for start in range(0, len(pixels), batch_size):
+        yield images.to_float(pixels[start:start + batch_size])
+
+
+def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    """FID and KID (mean and std over subsets) between two feature sets, via torchmetrics."""
+    d = real.shape[1]
+    fid = FrechetInceptionDistance(feature=PassThrough(d))
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    kid = KernelInceptionDistance(feature=PassThrough(d), subset_size=min(KID_SUBSET, len(real), len(fake)))
+    kid.update(real, real=True)
+    kid.update(fake, real=False)
+    with torch.random.fork_rng():  # KID draws its subsets from the global generator
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+
+def bootstrap_fid_std(real: torch.Tensor, fake: torch.Tensor, seed: int = 0,
+                      rounds: int = BOOTSTRAP_ROUNDS) -> float:
+    """The spread of FID when the generated set is resampled with replacement: two
+    models whose FIDs differ by much less than this cannot be told apart."""
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(rounds):
+        pick = torch.randint(0, len(fake), (len(fake),), generator=generator)
+        fid = FrechetInceptionDistance(feature=PassThrough(real.shape[1]))
+        fid.update(real, real=True)
+        fid.update(fake[pick], real=False)
+        values.append(float(fid.compute()))
+    mean = sum(values) / rounds
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (rounds - 1))
+
+
+def class_accuracy(predicted: torch.Tensor, wanted: torch.Tensor, class_names: tuple[str, ...]) -> dict:
+    """Overall and per-class share of images the judge puts in the class they were meant to be."""
+    per_class = {}
+    for index, name in enumerate(class_names):
+        mask = wanted == index
+        per_class[name] = float((predicted[mask] == index).float().mean()) if mask.any() else None
+    return {"accuracy": float((predicted == wanted).float().mean()), "per_class_accuracy": per_class}
+
+
+def evaluate(sampler: Sampler, n: int = 10_000, seed: int = 0, batch_size: int = 500,
+             classifier: str | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """Everything `genfast eval` reports, as a JSON-able dict."""
+    dataset = sampler.info["dataset"]
+    judge = load_judge(dataset, classifier, device)
+    if n < judge.min_samples:
+        raise GenfastError(f"-n {n} is too few: FID over {judge.num_features} features needs at least "
+                           f"{judge.min_samples} images (10000 is the usual)")
+    test = data.load(dataset, "test")
+    train = data.load(dataset, "train")
+    real_test, test_predicted = judge.embed(_batches(test.images, batch_size), len(test), "features: test split",
+                                            progress)
+    fake, fake_predicted = judge.embed(sampler.batches(n, seed, batch_size=batch_size), n,
+                                       "features: generated", progress)
+    # The scale: as many real training images (capped by the split's size) against the same test split.
+    n_real = min(n, len(train))
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_real]
+    real_train, _ = judge.embed(_batches(train.images[pick], batch_size), n_real, "features: train split", progress)
+
+    # One fixed scale per data set, so that KID's cubic kernel stays well conditioned: the
+    # classifier's ReLU features are sparse and large (RMS ~5 on MNIST). Dividing every set by
+    # the test split's RMS divides FID by a constant: orders and ratios are unchanged.
+    scale = real_test.pow(2).mean().sqrt()
+    real_test, fake, real_train = real_test / scale, fake / scale, real_train / scale
+    scores = fid_kid(real_test, fake, seed)
+    baseline = fid_kid(real_test, real_train, seed)
+    result = {
+        "model": sampler.info.get("path"), "dataset": dataset, "data_source": test.source,
+        "classifier": judge.name, "classifier_test_accuracy": judge.test_accuracy,
+        "n": n, "n_test": len(test), "n_real_train": n_real, "seed": seed,
+        **scores, "fid_std": bootstrap_fid_std(real_test, fake, seed),
+        "real_fid": baseline["fid"], "real_fid_std": bootstrap_fid_std(real_test, real_train, seed),
+        "real_kid": baseline["kid"], "real_kid_std": baseline["kid_std"],
+    }
+    result["fid_ratio_to_real"] = result["fid"] / result["real_fid"] if result["real_fid"] > 0 else None
+    if sampler.conditional:
+        result.update(class_accuracy(fake_predicted, sampler.labels(n), sampler.class_names))
+        real = class_accuracy(test_predicted, test.labels, test.class_names)
+        result["real_accuracy"] = real["accuracy"]
+    return result
