@@ -23,3 +23,11 @@ def tiny_gan(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_cgan(tmp_path_factory):
     return train_tiny(tmp_path_factory.mktemp("cgan"), conditional=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory):
+    """A tiny classifier of the fake data set (16 features): a feature network for eval tests."""
+    options = TrainOptions(out=tmp_path_factory.mktemp("classifier"), data="fake", steps=60, progress=False,
+                           sample_every=1000, checkpoint_every=1000)
+    return train("classifier", options, preset="tiny")

@@ -5,9 +5,8 @@ same data set (families/classifier.py): its 256-feature penultimate layer is the
 space in which FID and KID compare generated images with the held-out test split,
 and its predictions give the class accuracy of conditional samples.
 
-Features are computed once per image set and divided by the RMS of the test
-split's features (a constant per data set); torchmetrics then computes FID and KID
-from them (its `feature=` module is a pass-through that announces the feature
+Features are computed once per image set (and put in units of the test split's
+RMS, a constant per data set); torchmetrics then computes FID and KID from them (its `feature=` module is a pass-through that announces the feature
 width), which lets the bootstrap below reuse the same features instead of
 running the network again. Every number is printed beside the same metric for
 real training images against the test split, which gives it a scale.
@@ -107,8 +106,17 @@ def _batches(pixels: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
         yield images.to_float(pixels[start:start + batch_size])
 
 
+def _in_real_units(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Divide both sets by the RMS of the real features, so that KID's cubic kernel stays well
+    conditioned: the classifier's ReLU features are sparse and large (RMS ~5 on MNIST). For a
+    fixed real set (the test split) this divides FID by a constant: orders and ratios hold."""
+    scale = real.pow(2).mean().sqrt()
+    return real / scale, fake / scale
+
+
 def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict[str, float]:
     """FID and KID (mean and std over subsets) between two feature sets, via torchmetrics."""
+    real, fake = _in_real_units(real, fake)
     d = real.shape[1]
     fid = FrechetInceptionDistance(feature=PassThrough(d))
     fid.update(real, real=True)
@@ -126,6 +134,7 @@ def bootstrap_fid_std(real: torch.Tensor, fake: torch.Tensor, seed: int = 0,
                       rounds: int = BOOTSTRAP_ROUNDS) -> float:
     """The spread of FID when the generated set is resampled with replacement: two
     models whose FIDs differ by much less than this cannot be told apart."""
+    real, fake = _in_real_units(real, fake)
     generator = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(rounds):
@@ -143,8 +152,8 @@ def class_accuracy(predicted: torch.Tensor, wanted: torch.Tensor, class_names: t
     per_class = {}
     for index, name in enumerate(class_names):
         mask = wanted == index
-        per_class[name] = float((predicted[mask] == index).float().mean()) if mask.any() else None
-    return {"accuracy": float((predicted == wanted).float().mean()), "per_class_accuracy": per_class}
+        per_class[name] = float((predicted[mask] == index).double().mean()) if mask.any() else None
+    return {"accuracy": float((predicted == wanted).double().mean()), "per_class_accuracy": per_class}
 
 
 def evaluate(sampler: Sampler, n: int = 10_000, seed: int = 0, batch_size: int = 500,
@@ -166,11 +175,6 @@ def evaluate(sampler: Sampler, n: int = 10_000, seed: int = 0, batch_size: int =
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_real]
     real_train, _ = judge.embed(_batches(train.images[pick], batch_size), n_real, "features: train split", progress)
 
-    # One fixed scale per data set, so that KID's cubic kernel stays well conditioned: the
-    # classifier's ReLU features are sparse and large (RMS ~5 on MNIST). Dividing every set by
-    # the test split's RMS divides FID by a constant: orders and ratios are unchanged.
-    scale = real_test.pow(2).mean().sqrt()
-    real_test, fake, real_train = real_test / scale, fake / scale, real_train / scale
     scores = fid_kid(real_test, fake, seed)
     baseline = fid_kid(real_test, real_train, seed)
     result = {

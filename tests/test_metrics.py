@@ -1,0 +1,126 @@
+"""FID, KID and accuracy: the yardstick must itself be right."""
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import genfast
+from genfast import data, images, metrics
+from genfast.errors import GenfastError
+from genfast.families.classifier import Classifier
+from genfast.pretrained import load_modules
+from genfast import checkpoint
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return metrics.load_judge("fashion-mnist")  # the shipped feature network
+
+
+@pytest.fixture(scope="module")
+def garments():
+    """Two sets of 'real' images: the shipped Fashion-MNIST GAN, two seeds (offline, fast)."""
+    sampler = genfast.load("gan-fashion-mnist")
+    return sampler.generate(600, seed=1), sampler.generate(600, seed=2)
+
+
+def blur(x: torch.Tensor, k: int) -> torch.Tensor:
+    return F.avg_pool2d(F.pad(x, (k // 2,) * 4, mode="replicate"), k, stride=1) if k > 1 else x
+
+
+def features(judge, x):
+    return judge.embed([x], len(x), "", progress=False)[0]
+
+
+def test_a_set_against_itself_scores_zero(judge, garments):
+    a = features(judge, garments[0])
+    scores = metrics.fid_kid(a, a)
+    assert abs(scores["fid"]) < 1e-6
+    # KID's unbiased estimator is slightly negative for a set against itself (its cross term
+    # includes k(x, x)); next to a real difference it is nothing.
+    noisy = features(judge, (garments[0] + 0.5 * torch.randn(garments[0].shape)).clamp(-1, 1))
+    assert abs(scores["kid"]) < 0.05 * metrics.fid_kid(a, noisy)["kid"]
+
+
+@pytest.mark.parametrize("degrade, levels", [
+    ("blur", [1, 3, 5, 7]),
+    ("noise", [0.0, 0.2, 0.4, 0.8]),
+])
+def test_scores_grow_as_images_are_degraded(judge, garments, degrade, levels):
+    reference, images_ = features(judge, garments[0]), garments[1]
+    noise = torch.randn(images_.shape, generator=torch.Generator().manual_seed(0))
+    fids, kids = [], []
+    for level in levels:
+        x = blur(images_, level) if degrade == "blur" else (images_ + level * noise).clamp(-1, 1)
+        scores = metrics.fid_kid(reference, features(judge, x))
+        fids.append(scores["fid"])
+        kids.append(scores["kid"])
+    assert fids == sorted(fids) and fids[-1] > 5 * fids[0], fids
+    assert kids == sorted(kids) and kids[-1] > kids[0], kids
+
+
+def test_bootstrap_spread_is_small_but_not_zero(judge, garments):
+    a, b = features(judge, garments[0]), features(judge, garments[1])
+    std = metrics.bootstrap_fid_std(a, b, seed=0)
+    assert 0 < std < metrics.fid_kid(a, b)["fid"]
+    assert metrics.bootstrap_fid_std(a, b, seed=0) == std  # same seed, same number
+
+
+def test_real_test_accuracy_through_evals_path_equals_the_classifiers(tiny_classifier):
+    ckpt = checkpoint.load(tiny_classifier)
+    family, config, modules = load_modules(ckpt)
+    test = data.load("fake", "test")
+    direct = Classifier().evaluate(modules, config, images.to_float(test.images), test.labels)["accuracy"]
+    judge = metrics.load_judge("fake", str(tiny_classifier))
+    _, predicted = judge.embed(metrics._batches(test.images, 50), len(test), "", progress=False)
+    via_eval = metrics.class_accuracy(predicted, test.labels, test.class_names)
+    assert via_eval["accuracy"] == pytest.approx(direct, abs=1e-12)
+    per_class = [v for v in via_eval["per_class_accuracy"].values()]
+    counts = torch.bincount(test.labels, minlength=10).tolist()
+    assert sum(a * c for a, c in zip(per_class, counts)) / len(test) == pytest.approx(direct)
+
+
+def test_the_feature_network_loads_without_unpickling(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    judge = metrics.load_judge("mnist")
+    assert judge.num_features == 256 and judge.test_accuracy > 0.98
+
+
+def test_eval_end_to_end_same_seed_same_numbers(tiny_cgan, tiny_classifier, tmp_path: Path, capsys):
+    from test_cli import run
+
+    outputs = []
+    for name in ("a.json", "b.json"):
+        status, out, err = run(capsys, "eval", tiny_cgan, "-n", 64, "--classifier", tiny_classifier,
+                               "--json", tmp_path / name, "-q")
+        assert status == 0, err
+        outputs.append(json.loads((tmp_path / name).read_text()))
+    a, b = outputs
+    assert a == b
+    assert {"fid", "kid", "accuracy", "real_fid", "fid_std", "per_class_accuracy"} <= a.keys()
+    assert a["n"] == 64 and a["n_test"] == 160 and a["real_fid"] >= 0 and a["fid"] > 0
+    assert "| FID vs test split" in out and "class accuracy" in out
+
+
+def test_eval_bad_input(tiny_cgan, tiny_classifier, tmp_path: Path, capsys, monkeypatch):
+    from test_cli import run
+
+    status, _, err = run(capsys, "eval", tiny_cgan, "-n", 10, "--classifier", tiny_classifier)
+    assert status == 1 and "needs at least 32 images" in err
+    status, _, err = run(capsys, "eval", tiny_cgan, "-n", 64)  # no shipped classifier for 'fake'
+    assert status == 1 and "genfast train classifier --data fake" in err
+    status, _, err = run(capsys, "eval", tiny_cgan, "-n", 600, "--classifier", "classifier-fashion-mnist")
+    assert status == 1 and "trained on 'fashion-mnist', the model on 'fake'" in err
+    monkeypatch.setenv("GENFAST_DATA", str(tmp_path / "empty"))
+    monkeypatch.setattr(data, "SYSTEM_DATA_DIR", tmp_path / "none")
+    status, _, err = run(capsys, "eval", "cgan-mnist", "-n", 600)
+    assert status == 1 and "data set 'mnist' not found" in err and "genfast data download mnist" in err
+    assert err.count("\n") == 1
