@@ -126,6 +126,18 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.where(so > 1e-7, mixed, (1 - t) * a + t * b)  # (anti)parallel: fall back to a line
 
 
+@dataclass
+class TrainedConfig:
+    """The fields every family's config has: the trainer reads them, and fills in the
+    last three from the data set when training starts (they are saved with the checkpoint)."""
+
+    batch_size: int = 128
+    conditional: bool = False
+    image_size: int = 28
+    channels: int = 1
+    num_classes: int = 0
+
+
 class Family(Protocol):
     """What the trainer, the checkpoint loader and the CLI need from a family."""
 

@@ -23,23 +23,19 @@ from torch import nn
 
 from genfast.config import require
 from genfast.errors import GenfastError
+from genfast.families.base import TrainedConfig
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(TrainedConfig):
     channels_1: int = 32
     channels_2: int = 64
     features: int = 256          # width of the penultimate layer: the FID/KID feature space
     dropout: float = 0.3
     max_shift: int = 2           # augmentation: random translation in pixels (0 = off)
-    batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 5e-4
-    # Filled in from the data set when training starts (saved with the checkpoint).
-    image_size: int = 28
-    channels: int = 1
-    num_classes: int = 0
-    conditional: bool = True     # always labelled; the trainer checks the data set has labels
+    conditional: bool = True     # always labelled: the trainer then checks the data set has labels
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -41,27 +41,21 @@ from torch import nn
 
 from genfast.config import require
 from genfast.errors import GenfastError
-from genfast.families.base import Sampler
+from genfast.families.base import Sampler, TrainedConfig
 
 
 @dataclass
-class GANConfig:
+class GANConfig(TrainedConfig):
     z_dim: int = 100
     hidden_channels: int = 128   # channels of the (size/4)^2 map the Dense layer makes (the seed's 128x7x7)
     conv_channels: int = 64      # the first transposed convolution's output (the seed's 64)
     disc_channels: int = 32      # the discriminator's first convolution; then x2, x4 (the seed's 32, 64, 128)
     leaky_slope: float = 0.2
-    conditional: bool = False
     class_embed_dim: int = 32    # cGAN: size of the class embedding concatenated to z
-    batch_size: int = 128
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
-    # Filled in from the data set when training starts (saved with the checkpoint).
-    image_size: int = 28
-    channels: int = 1
-    num_classes: int = 0
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -27,24 +27,18 @@ from torch import nn
 
 from genfast.config import require
 from genfast.errors import GenfastError
-from genfast.families.base import Sampler
+from genfast.families.base import Sampler, TrainedConfig
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(TrainedConfig):
     z_dim: int = 32
     conv_channels: int = 32      # the encoder's first / the decoder's last hidden convolution
     hidden_channels: int = 64    # the encoder's second / the decoder's (size/4)^2 map
-    conditional: bool = False
     likelihood: str = "bernoulli"  # bernoulli | gaussian
     sigma: float = 0.1           # gaussian likelihood: the fixed pixel standard deviation, in [-1, 1] units
     beta: float = 1.0            # weight of the KL term
-    batch_size: int = 128
     lr: float = 1e-3
-    # Filled in from the data set when training starts (saved with the checkpoint).
-    image_size: int = 28
-    channels: int = 1
-    num_classes: int = 0
 
 
 PRESETS: dict[str, dict[str, Any]] = {
