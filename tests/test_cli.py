@@ -173,3 +173,25 @@ def test_sample_on_a_missing_gpu_is_one_line(tiny_gan, tmp_path: Path, capsys):
 def test_seed_out_of_range_is_a_usage_error(tiny_gan, tmp_path: Path, capsys):
     status, _, err = run(capsys, "sample", tiny_gan, "--seed", 2**40, "--out", tmp_path / "g.png")
     assert status == 2 and "must be between 0 and 4294967295" in err
+
+
+def test_reconstruct_and_interpolate_grids(tiny_gan, tmp_path: Path, capsys):
+    from genfast import data
+    from genfast.train import TrainOptions, train
+
+    vae = train("vae", TrainOptions(out=tmp_path / "vae", data="fake", steps=4, progress=False,
+                                    sample_every=1000), preset="tiny", conditional=True)
+    status, out, _ = run(capsys, "sample", vae, "--reconstruct", "-n", 4, "--seed", 2, "--out", tmp_path / "r.png")
+    assert status == 0 and "reconstructions" in out
+    grid = np.array(Image.open(tmp_path / "r.png"))
+    assert grid.shape == (2 * (2 * 30 + 2), 2 * (4 * 30 + 2))  # originals row, reconstructions row
+    # The first row holds the real test images the seed picks, pixel for pixel (drawn at 2x).
+    test = data.load("fake", "test")
+    first = int(torch.randperm(len(test), generator=torch.Generator().manual_seed(2))[0])
+    assert np.array_equal(grid[4:60:2, 4:60:2], test.images[first, 0].numpy())
+
+    status, _, _ = run(capsys, "sample", vae, "--interpolate", "-n", 3, "--steps", 5, "--out", tmp_path / "i.png")
+    assert status == 0 and np.array(Image.open(tmp_path / "i.png")).shape == (2 * (3 * 30 + 2), 2 * (5 * 30 + 2))
+
+    status, _, err = run(capsys, "sample", tiny_gan, "--reconstruct", "--out", tmp_path / "x.png")
+    assert status == 1 and "needs a model with an encoder (vae)" in err
