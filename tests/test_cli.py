@@ -181,10 +181,12 @@ def test_reconstruct_and_interpolate_grids(tiny_gan, tmp_path: Path, capsys):
 
     vae = train("vae", TrainOptions(out=tmp_path / "vae", data="fake", steps=4, progress=False,
                                     sample_every=1000), preset="tiny", conditional=True)
-    status, out, _ = run(capsys, "sample", vae, "--reconstruct", "-n", 4, "--seed", 2, "--out", tmp_path / "r.png")
+    status, out, _ = run(capsys, "sample", vae, "--reconstruct", "-n", 15, "--seed", 2, "--out", tmp_path / "r.png")
     assert status == 0 and "reconstructions" in out
     grid = np.array(Image.open(tmp_path / "r.png"))
-    assert grid.shape == (2 * (2 * 30 + 2), 2 * (4 * 30 + 2))  # originals row, reconstructions row
+    # Rows of ten alternate originals / reconstructions; the last pair is padded with blank tiles.
+    assert grid.shape == (2 * (4 * 30 + 2), 2 * (10 * 30 + 2))
+    assert grid[2 * (2 * 30 + 2):, 2 * (5 * 30 + 2):].max() == 0  # tiles 16-20 of rows 3 and 4 are blank
     # The first row holds the real test images the seed picks, pixel for pixel (drawn at 2x).
     test = data.load("fake", "test")
     first = int(torch.randperm(len(test), generator=torch.Generator().manual_seed(2))[0])
@@ -195,3 +197,14 @@ def test_reconstruct_and_interpolate_grids(tiny_gan, tmp_path: Path, capsys):
 
     status, _, err = run(capsys, "sample", tiny_gan, "--reconstruct", "--out", tmp_path / "x.png")
     assert status == 1 and "needs a model with an encoder (vae)" in err
+
+
+def test_eval_refuses_a_judge_of_another_image_size_and_a_folder_for_json(tiny_classifier, tmp_path: Path, capsys):
+    from genfast.train import TrainOptions, train
+
+    big = train("vae", TrainOptions(out=tmp_path / "big", data="fake", steps=2, progress=False, sample_every=1000),
+                preset="tiny", pairs=["image_size=32"])
+    status, _, err = run(capsys, "eval", big, "-n", 64, "--classifier", tiny_classifier)
+    assert status == 1 and "sees images of shape (1, 28, 28), the model makes (1, 32, 32)" in err
+    status, _, err = run(capsys, "eval", big, "-n", 64, "--json", tmp_path)
+    assert status == 1 and "is a folder" in err

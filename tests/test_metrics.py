@@ -124,3 +124,26 @@ def test_eval_bad_input(tiny_cgan, tiny_classifier, tmp_path: Path, capsys, monk
     status, _, err = run(capsys, "eval", "cgan-mnist", "-n", 600)
     assert status == 1 and "data set 'mnist' not found" in err and "genfast data download mnist" in err
     assert err.count("\n") == 1
+
+
+def test_per_class_accuracy_on_hand_made_predictions():
+    wanted = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    predicted = torch.tensor([0, 0, 0, 1, 1, 0, 1, 1])
+    scores = metrics.class_accuracy(predicted, wanted, ("a", "b", "c"))
+    assert scores["accuracy"] == 4 / 8
+    assert scores["per_class_accuracy"] == {"a": 0.75, "b": 0.5, "c": 0.0}
+
+
+def test_kid_depends_on_its_seed_and_fid_does_not(judge, garments):
+    a, b = features(judge, garments[0][:300]), features(judge, garments[1])
+    one, other = metrics.fid_kid(a, b, seed=0), metrics.fid_kid(a, b, seed=1)
+    assert one["fid"] == other["fid"] and one["kid"] != other["kid"]
+    assert metrics.fid_kid(a, b, seed=0) == one
+
+
+def test_eval_real_accuracy_equals_the_judges_recorded_accuracy():
+    if data.find("fashion-mnist") is None:
+        pytest.skip("Fashion-MNIST is not installed")
+    result = metrics.evaluate(genfast.load("cgan-fashion-mnist"), n=600, progress=False)
+    assert result["real_accuracy"] == pytest.approx(result["classifier_test_accuracy"], abs=1e-9)
+    assert 0.5 < result["accuracy"] <= 1  # the shipped cGAN's samples are mostly of the asked class

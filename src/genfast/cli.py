@@ -68,16 +68,20 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise GenfastError(f"--out {out}: give a .png file for a grid or a folder for one PNG per image")
     if (args.reconstruct or args.interpolate) and as_folder:
         raise GenfastError("--reconstruct and --interpolate make one grid: give --out a .png file")
+    if args.steps is not None and not args.interpolate:
+        raise GenfastError("--steps is the length of an --interpolate walk; add --interpolate or drop it")
+    args.steps = args.steps or 10
     sampler = pretrained.load(args.model, device=args.device)  # a wrong name fails before anything is written
     class_index = None if getattr(args, "class") is None else sampler.class_index(getattr(args, "class"))
     if as_folder and out.is_dir() and any(out.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")):
         raise GenfastError(f"{out} already holds numbered images; choose an empty or new folder")
     images.writable_target(out / "x.png" if as_folder else out)
     if args.reconstruct:
-        grid, nrow = _reconstructions(args, class_index), min(args.n, 10)
+        grid, nrow = _reconstructions(args, class_index), 10
         what = f"{args.n} test images (odd rows) and their reconstructions (even rows)"
     elif args.interpolate:
-        grid, nrow = sampler.interpolate(args.n, args.steps, seed=args.seed, class_index=class_index), args.steps
+        grid = sampler.interpolate(args.n, args.steps, args.seed, class_index, args.batch_size)
+        nrow = args.steps
         what = f"{args.n} walks of {args.steps} steps between pairs of samples"
     elif as_folder:  # written batch by batch, so a large -n never has to fit in memory at once
         written = 0
@@ -109,15 +113,20 @@ def _reconstructions(args: argparse.Namespace, class_index: int | None) -> torch
     pick = pick[:args.n]
     originals = images.to_float(test.images[pick])
     rebuilt = family.reconstruct(modules, config, originals, test.labels[pick])
-    rows = [t for start in range(0, len(pick), 10) for t in (originals[start:start + 10], rebuilt[start:start + 10])]
+    # Pad to whole rows of ten (blank tiles), so originals and reconstructions always alternate by row.
+    blank = torch.full((-len(pick) % 10, *originals.shape[1:]), -1.0)
+    originals, rebuilt = torch.cat([originals, blank]), torch.cat([rebuilt, blank])
+    rows = [t for start in range(0, len(originals), 10) for t in (originals[start:start + 10], rebuilt[start:start + 10])]
     return torch.cat(rows)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from genfast import metrics
 
-    if args.json:
-        images.writable_target(args.json)  # fail before minutes of work, not after
+    if args.json:  # fail before minutes of work, not after
+        if args.json.is_dir():
+            raise GenfastError(f"--json {args.json} is a folder; give a file name")
+        images.writable_target(args.json)
     sampler = pretrained.load(args.model, device=args.device)
     result = metrics.evaluate(sampler, n=args.n, seed=args.seed, batch_size=args.batch_size,
                               classifier=args.classifier, device=args.device, progress=not args.quiet)
@@ -232,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="n real test images beside their reconstructions (vae; needs the data set)")
     mode.add_argument("--interpolate", action="store_true",
                       help="n rows, each a walk (--steps images) between two samples")
-    p.add_argument("--steps", type=_positive, default=10, help="images per walk for --interpolate")
+    p.add_argument("--steps", type=_positive, help="images per walk for --interpolate (default 10)")
     p.set_defaults(run=cmd_sample)
 
     p = commands.add_parser("eval", help="FID, KID and class accuracy of a model against the test split")

@@ -29,6 +29,7 @@ from tqdm import tqdm
 warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save all extracted features")
 
 from genfast import checkpoint, data, images, pretrained
+from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import Sampler
 
@@ -80,8 +81,10 @@ class Judge:
         return torch.cat(features), torch.cat(predictions)
 
 
-def load_judge(dataset: str, classifier: str | None = None, device: str = "cpu") -> Judge:
-    """The shipped classifier of `dataset`, or the given checkpoint (which must be of that data set)."""
+def load_judge(dataset: str, classifier: str | None = None, device: str = "cpu",
+               image_shape: tuple[int, ...] | None = None) -> Judge:
+    """The shipped classifier of `dataset`, or the given checkpoint (which must be of that data
+    set and, when given, see images of `image_shape`)."""
     name = classifier or f"classifier-{dataset}"
     try:
         ckpt = checkpoint.load(pretrained.resolve(name))
@@ -96,7 +99,10 @@ def load_judge(dataset: str, classifier: str | None = None, device: str = "cpu")
     if ckpt.dataset["name"] != dataset:
         raise GenfastError(f"the feature network {name} was trained on '{ckpt.dataset['name']}', the model on "
                            f"'{dataset}'; FID needs one trained on '{dataset}' (--classifier)")
-    _, _, modules = pretrained.load_modules(ckpt, device)
+    if image_shape is not None and tuple(ckpt.dataset["image_shape"]) != tuple(image_shape):
+        raise GenfastError(f"the feature network {name} sees images of shape {tuple(ckpt.dataset['image_shape'])}, "
+                           f"the model makes {tuple(image_shape)}; train a classifier on the same image size")
+    _, _, modules = pretrained.load_modules(ckpt, resolve_device(device))
     return Judge(modules["classifier"].eval(), dataset, str(name), ckpt.extra.get("test", {}).get("accuracy"))
 
 
@@ -109,7 +115,8 @@ def _batches(pixels: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
 def _in_real_units(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Divide both sets by the RMS of the real features, so that KID's cubic kernel stays well
     conditioned: the classifier's ReLU features are sparse and large (RMS ~5 on MNIST). For a
-    fixed real set (the test split) this divides FID by a constant: orders and ratios hold."""
+    fixed real set (the test split) this divides FID by a constant, so FID's orders and ratios
+    hold; KID's cubic kernel is not scale-free, so KIDs compare only within this convention."""
     scale = real.pow(2).mean().sqrt()
     return real / scale, fake / scale
 
@@ -159,8 +166,10 @@ def class_accuracy(predicted: torch.Tensor, wanted: torch.Tensor, class_names: t
 def evaluate(sampler: Sampler, n: int = 10_000, seed: int = 0, batch_size: int = 500,
              classifier: str | None = None, device: str = "cpu", progress: bool = True) -> dict:
     """Everything `genfast eval` reports, as a JSON-able dict."""
+    if "dataset" not in sampler.info:
+        raise GenfastError("this sampler does not say which data set it was trained on; load it with genfast.load")
     dataset = sampler.info["dataset"]
-    judge = load_judge(dataset, classifier, device)
+    judge = load_judge(dataset, classifier, device, sampler.image_shape)
     if n < judge.min_samples:
         raise GenfastError(f"-n {n} is too few: FID over {judge.num_features} features needs at least "
                            f"{judge.min_samples} images (10000 is the usual)")

@@ -15,6 +15,7 @@ merely equivalent.)
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -52,7 +53,7 @@ class TrainOptions:
     sample_every: int = 500        # steps between sample grids (and at the end)
     checkpoint_every: int = 500    # steps between checkpoints (and at the end, and on Ctrl-C)
     log_every: int = 10            # steps between TensorBoard scalars
-    max_loss: float = 1e4          # a loss above this, or NaN/inf, stops the run
+    max_loss_growth: float = 1e4   # a loss this many times its first value (or NaN/inf) stops the run
     progress: bool = True
 
 
@@ -239,6 +240,7 @@ def train(family_name: str, options: TrainOptions, preset: str = "default", toml
     for module in modules.values():
         module.train()
 
+    first_losses: dict[str, float] = {}  # the scale divergence is judged against (losses differ by family)
     epoch_order: dict[int, torch.Tensor] = {}
     data_seconds = step_seconds = 0.0
     last_saved = done = start
@@ -261,7 +263,10 @@ def train(family_name: str, options: TrainOptions, preset: str = "default", toml
                 data_seconds += t1 - t0
                 step_seconds += t2 - t1
 
-                bad = {k: v for k, v in losses.items() if k.startswith("loss") and not abs(v) <= options.max_loss}
+                if not first_losses:
+                    first_losses.update({k: max(1.0, abs(v)) for k, v in losses.items() if math.isfinite(v)})
+                bad = {k: v for k, v in losses.items() if k.startswith("loss")
+                       and not abs(v) <= options.max_loss_growth * first_losses.get(k, 1.0)}
                 if bad:
                     what = ", ".join(f"{k}={v:.4g}" for k, v in bad.items())
                     kept = (f"the last good checkpoint is {ckpt_path} at step {last_saved}; continue it with --resume "

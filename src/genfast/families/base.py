@@ -30,7 +30,7 @@ class Sampler:
     noise_shape: tuple[int, ...]       # per image
     image_shape: tuple[int, int, int]  # (C, H, W)
     class_names: tuple[str, ...] = ()  # empty for an unconditional model
-    info: dict[str, Any] = field(default_factory=dict)  # family, name, dataset, step: for people, not for code
+    info: dict[str, Any] = field(default_factory=dict)  # family, model, dataset, step, path (set by genfast.load)
 
     @property
     def conditional(self) -> bool:
@@ -96,7 +96,8 @@ class Sampler:
                 yield self.fn(noise[start:end], None if labels is None else labels[start:end]).cpu()
                 bar.update(end - start)
 
-    def interpolate(self, rows: int, steps: int, seed: int = 0, class_index: str | int | None = None) -> torch.Tensor:
+    def interpolate(self, rows: int, steps: int, seed: int = 0, class_index: str | int | None = None,
+                    batch_size: int = 256) -> torch.Tensor:
         """rows walks of `steps` images each, from one sample of `seed` to another, row by row.
 
         A conditional model keeps each row in one class (`class_index`, or cycling)."""
@@ -107,7 +108,9 @@ class Sampler:
         a, b = ends[0::2].repeat_interleave(steps, 0), ends[1::2].repeat_interleave(steps, 0)
         noise = slerp(a, b, t).view(rows * steps, *self.noise_shape)
         labels = self.labels(rows, class_index)
-        return self.fn(noise, None if labels is None else labels.repeat_interleave(steps)).cpu()
+        labels = None if labels is None else labels.repeat_interleave(steps)
+        return torch.cat([self.fn(noise[i:i + batch_size], None if labels is None else labels[i:i + batch_size]).cpu()
+                          for i in range(0, len(noise), batch_size)])
 
     def generate(self, n: int, seed: int = 0, class_index: str | int | None = None, batch_size: int = 256,
                  progress: bool = False) -> torch.Tensor:

@@ -153,9 +153,10 @@ class VAE:
         optimizers["vae"].zero_grad(set_to_none=True)
         loss.backward()
         optimizers["vae"].step()
-        pixels = math.prod(images.shape[1:])
-        return {"loss": loss.item(), "reconstruction": rec.mean().item(), "kl": kl.mean().item(),
-                "bits_per_pixel": (rec + kl).mean().item() / (pixels * math.log(2))}
+        logged = {"loss": loss.item(), "reconstruction": rec.mean().item(), "kl": kl.mean().item()}
+        if config.likelihood == "bernoulli":  # a true likelihood (the Gaussian's drops its constant)
+            logged["bits_per_pixel"] = (rec + kl).mean().item() / (math.prod(images.shape[1:]) * math.log(2))
+        return logged
 
     def sampler(self, modules: dict[str, nn.Module], config: VAEConfig, class_names: tuple[str, ...]) -> Sampler:
         decoder = modules["decoder"].eval()
