@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from genfast import data, images, pretrained
+from genfast import data, engines, images, pretrained
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import FAMILIES
@@ -72,6 +72,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise GenfastError("--steps is the length of an --interpolate walk; add --interpolate or drop it")
     args.steps = args.steps or 10
     sampler = pretrained.load(args.model, device=args.device)  # a wrong name fails before anything is written
+    sampler = engines.apply(sampler, args.engine)
     class_index = None if getattr(args, "class") is None else sampler.class_index(getattr(args, "class"))
     if as_folder and out.is_dir() and any(out.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")):
         raise GenfastError(f"{out} already holds numbered images; choose an empty or new folder")
@@ -127,10 +128,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.json.is_dir():
             raise GenfastError(f"--json {args.json} is a folder; give a file name")
         images.writable_target(args.json)
-    sampler = pretrained.load(args.model, device=args.device)
+    sampler = engines.apply(pretrained.load(args.model, device=args.device), args.engine)
     result = metrics.evaluate(sampler, n=args.n, seed=args.seed, batch_size=args.batch_size,
                               classifier=args.classifier, device=args.device, progress=not args.quiet)
-    print(f"{args.model} on {result['dataset']} ({result['data_source']}), judged by {result['classifier']}")
+    print(f"{args.model} ({args.engine} engine) on {result['dataset']} ({result['data_source']}), "
+          f"judged by {result['classifier']}")
     print(f"| metric | generated (n={result['n']}) | real train (n={result['n_real_train']}) |")
     print("| --- | ---: | ---: |")
     print(f"| FID vs test split (n={result['n_test']}) | {result['fid']:.3f} ± {result['fid_std']:.3f} "
@@ -242,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--interpolate", action="store_true",
                       help="n rows, each a walk (--steps images) between two samples")
     p.add_argument("--steps", type=_positive, help="images per walk for --interpolate (default 10)")
+    p.add_argument("--engine", default="eager", choices=list(engines.ENGINES), help="how to run the model")
     p.set_defaults(run=cmd_sample)
 
     p = commands.add_parser("eval", help="FID, KID and class accuracy of a model against the test split")
@@ -250,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     p.add_argument("--classifier", help="feature network (default: the shipped classifier of the data set)")
+    p.add_argument("--engine", default="eager", choices=list(engines.ENGINES),
+                   help="how to run the model: judge an engine's images, not just its speed")
     p.add_argument("--batch-size", type=_positive, default=500)
     p.add_argument("--device", default="cpu")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -31,6 +31,20 @@ class Sampler:
     image_shape: tuple[int, int, int]  # (C, H, W)
     class_names: tuple[str, ...] = ()  # empty for an unconditional model
     info: dict[str, Any] = field(default_factory=dict)  # family, model, dataset, step, path (set by genfast.load)
+    module: nn.Module | None = None    # the network fn runs, (noise, labels) -> pixels: what engines transform
+
+    @classmethod
+    def from_module(cls, module: nn.Module, noise_shape: tuple[int, ...], image_shape: tuple[int, int, int],
+                    class_names: tuple[str, ...] = ()) -> "Sampler":
+        """The eager sampler of a network: eval mode, no autograd, inputs moved to its device."""
+        module = module.eval()
+        device = next(module.parameters()).device
+
+        @torch.inference_mode()
+        def generate(noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+            return module(noise.to(device), None if labels is None else labels.to(device))
+
+        return cls(generate, noise_shape, image_shape, class_names, module=module)
 
     @property
     def conditional(self) -> bool:

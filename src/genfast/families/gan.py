@@ -180,16 +180,9 @@ class GAN:
                 "d_real": torch.sigmoid(d_real).mean().item(), "d_fake": torch.sigmoid(d_fake).mean().item()}
 
     def sampler(self, modules: dict[str, nn.Module], config: GANConfig, class_names: tuple[str, ...]) -> Sampler:
-        G = modules["generator"].eval()
-        device = next(G.parameters()).device
-
-        @torch.inference_mode()
-        def generate(noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-            return G(noise.to(device), None if labels is None else labels.to(device))
-
-        return Sampler(generate, noise_shape=(config.z_dim,),
-                       image_shape=(config.channels, config.image_size, config.image_size),
-                       class_names=class_names if config.conditional else ())
+        return Sampler.from_module(modules["generator"], noise_shape=(config.z_dim,),
+                                   image_shape=(config.channels, config.image_size, config.image_size),
+                                   class_names=class_names if config.conditional else ())
 
     def inference_modules(self) -> tuple[str, ...]:
         return ("generator",)

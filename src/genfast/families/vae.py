@@ -94,6 +94,18 @@ def to_pixels(decoded: torch.Tensor, likelihood: str) -> torch.Tensor:
     return torch.sigmoid(decoded) * 2 - 1 if likelihood == "bernoulli" else torch.tanh(decoded)
 
 
+class DecoderPixels(nn.Module):
+    """The decoder followed by its likelihood's mean: what a VAE sampler runs."""
+
+    def __init__(self, decoder: Decoder, likelihood: str):
+        super().__init__()
+        self.decoder = decoder
+        self.likelihood = likelihood
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return to_pixels(self.decoder(z, labels), self.likelihood)
+
+
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) per example, in closed form."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(dim=1)
@@ -159,17 +171,9 @@ class VAE:
         return logged
 
     def sampler(self, modules: dict[str, nn.Module], config: VAEConfig, class_names: tuple[str, ...]) -> Sampler:
-        decoder = modules["decoder"].eval()
-        device = next(decoder.parameters()).device
-
-        @torch.inference_mode()
-        def generate(noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-            labels = None if labels is None else labels.to(device)
-            return to_pixels(decoder(noise.to(device), labels), config.likelihood)
-
-        return Sampler(generate, noise_shape=(config.z_dim,),
-                       image_shape=(config.channels, config.image_size, config.image_size),
-                       class_names=class_names if config.conditional else ())
+        return Sampler.from_module(DecoderPixels(modules["decoder"], config.likelihood), noise_shape=(config.z_dim,),
+                                   image_shape=(config.channels, config.image_size, config.image_size),
+                                   class_names=class_names if config.conditional else ())
 
     @torch.inference_mode()
     def reconstruct(self, modules: dict[str, nn.Module], config: VAEConfig, images: torch.Tensor,

@@ -1,0 +1,68 @@
+"""BatchNorm folding: y = BN(layer(x)) becomes layer'(x), with the BN's affine map in the weights.
+
+In eval mode BN is y = (x - mean) / sqrt(var + eps) * gamma + beta, an affine map per
+output channel: y = s * x + t with s = gamma / sqrt(var + eps), t = beta - mean * s.
+Scaling the preceding layer's output channels by s and adding t to its bias gives the
+same function with one layer fewer. The graph is found with torch.fx, so any family's
+network with Linear / Conv2d / ConvTranspose2d -> BatchNorm pairs is folded, on a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+FOLDABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@torch.no_grad()
+def _fold(layer: nn.Module, bn: nn.Module) -> torch.Tensor | None:
+    """Scale the layer's output channels by s; put t in its bias, or return t (shaped to
+    broadcast over the output) when the layer has no bias.
+
+    A bias is not added to a bias-free layer: oneDNN's transposed convolution runs ~15%
+    slower with one (measured on the seed generator's 128->64 layer, batch 256), more
+    than the separate add costs."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    # Which weight axis holds the output channels: dim 0, except for transposed convolutions.
+    axis = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
+    shape = [1] * layer.weight.dim()
+    shape[axis] = -1
+    layer.weight.mul_(scale.view(shape))
+    if layer.bias is not None:
+        layer.bias.mul_(scale).add_(shift)
+        return None
+    return shift.view(-1, *[1] * (layer.weight.dim() - 2))  # (C,) for Linear, (C, 1, 1) for convolutions
+
+
+def fold_batchnorm(module: nn.Module, conditional: bool) -> fx.GraphModule:
+    """A copy of `module` (called as module(noise, labels)) with every foldable BN folded away."""
+    model = copy.deepcopy(module).eval()
+    graph_module = fx.symbolic_trace(model, concrete_args=None if conditional else {"labels": None})
+    modules = dict(graph_module.named_modules())
+    for index, node in enumerate(list(graph_module.graph.nodes)):
+        if node.op != "call_module" or not isinstance(modules[node.target], NORMS):
+            continue
+        source = node.args[0]
+        if not (isinstance(source, fx.Node) and source.op == "call_module"
+                and isinstance(modules[source.target], FOLDABLE) and len(source.users) == 1):
+            continue
+        shift = _fold(modules[source.target], modules[node.target])
+        result = source
+        if shift is not None:
+            name = f"folded_shift_{index}"
+            graph_module.register_buffer(name, shift)
+            with graph_module.graph.inserting_after(node):
+                constant = graph_module.graph.get_attr(name)
+            with graph_module.graph.inserting_after(constant):
+                result = graph_module.graph.call_function(torch.add, (source, constant))
+        node.replace_all_uses_with(result)
+        graph_module.graph.erase_node(node)
+    graph_module.graph.lint()
+    graph_module.delete_all_unused_submodules()
+    graph_module.recompile()
+    return graph_module
