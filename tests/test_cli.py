@@ -154,7 +154,7 @@ def test_folder_output_never_overwrites_earlier_images(tiny_gan, tmp_path: Path,
     assert run(capsys, "sample", tiny_gan, "-n", 3, "--out", out, "-q")[0] == 0
     before = (out / "000000.png").read_bytes()
     status, _, err = run(capsys, "sample", tiny_gan, "-n", 3, "--seed", 9, "--out", out, "-q")
-    assert status == 1 and "already holds numbered images" in err
+    assert status == 1 and "already holds generated images" in err
     assert (out / "000000.png").read_bytes() == before
 
 

@@ -74,8 +74,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
     sampler = pretrained.load(args.model, device=args.device)  # a wrong name fails before anything is written
     sampler = engines.apply(sampler, args.engine)
     class_index = None if getattr(args, "class") is None else sampler.class_index(getattr(args, "class"))
-    if as_folder and out.is_dir() and any(out.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")):
-        raise GenfastError(f"{out} already holds numbered images; choose an empty or new folder")
+    if as_folder and out.is_dir() and (any(out.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"))
+                                       or any(out.glob("shard_*.npz"))):
+        raise GenfastError(f"{out} already holds generated images; choose an empty or new folder")
+    if not as_folder and (args.workers > 1 or args.format != "png"):
+        raise GenfastError("--workers and --format npz write into a folder: give --out a folder")
     images.writable_target(out / "x.png" if as_folder else out)
     if args.reconstruct:
         grid, nrow = _reconstructions(args, class_index), 10
@@ -84,11 +87,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
         grid = sampler.interpolate(args.n, args.steps, args.seed, class_index, args.batch_size)
         nrow = args.steps
         what = f"{args.n} walks of {args.steps} steps between pairs of samples"
-    elif as_folder:  # written batch by batch, so a large -n never has to fit in memory at once
-        written = 0
-        for batch in sampler.batches(args.n, args.seed, class_index, args.batch_size, progress=not args.quiet):
-            written += len(images.save_each(batch, out, start=written))
-        print(f"wrote {written} images to {out}/")
+    elif as_folder:  # written batch by batch (by --workers processes), never all in memory at once
+        from genfast import bulk
+
+        written = bulk.generate(args.model, out, args.n, args.seed, class_index, args.batch_size, args.workers,
+                                args.format, args.engine, progress=not args.quiet)
+        print(f"wrote {written} images to {out}/ ({args.format})")
         return
     else:
         grid = sampler.generate(args.n, args.seed, class_index, args.batch_size, progress=not args.quiet)
@@ -245,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="n rows, each a walk (--steps images) between two samples")
     p.add_argument("--steps", type=_positive, help="images per walk for --interpolate (default 10)")
     p.add_argument("--engine", default="eager", choices=list(engines.ENGINES), help="how to run the model")
+    p.add_argument("--workers", type=_positive, default=1, help="processes writing a folder (bulk generation)")
+    p.add_argument("--format", default="png", choices=["png", "npz"],
+                   help="folder output: one PNG per image, or .npz shards of a batch each")
     p.set_defaults(run=cmd_sample)
 
     p = commands.add_parser("eval", help="FID, KID and class accuracy of a model against the test split")
