@@ -152,6 +152,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from genfast import bench
+
+    for path in (args.json, args.plot):  # fail before minutes of work, not after
+        if path is not None:
+            images.writable_target(path)
+    sampler = pretrained.load(args.model, device=args.device)
+    rows = bench.measure(sampler, args.engines, args.batch_sizes, repeats=args.repeats, fid_n=args.fid_n,
+                         seed=args.seed, progress=not args.quiet)
+    print(f"{args.model} on {resolve_device(args.device)}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(bench.markdown(rows))
+    if args.json:
+        bench.write_json(rows, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        bench.plot(rows, args.plot, f"{args.model} on {resolve_device(args.device)}")
+        print(f"wrote {args.plot}")
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from genfast import checkpoint
 
@@ -266,6 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_eval)
+
+    p = commands.add_parser("bench", help="speed and quality of every engine, side by side")
+    p.add_argument("model", help="checkpoint path or shipped model name")
+    p.add_argument("--engines", nargs="+", default=list(engines.ENGINES), help="engines to run (eager first)")
+    p.add_argument("--batch-sizes", nargs="+", type=_positive, default=[1, 16, 256])
+    p.add_argument("--repeats", type=_positive, default=20, help="timed calls per row")
+    p.add_argument("--fid-n", type=int, default=0, help="also FID of each engine's images (0 = off; 10000 usual)")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--json", type=Path, help="write the rows as JSON")
+    p.add_argument("--plot", type=Path, help="write images/s against batch size as a PNG")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_bench)
 
     p = commands.add_parser("models", help="list the shipped models, one per line, name first")
     p.set_defaults(run=cmd_models)
