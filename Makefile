@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]' $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,onnx]' $(TORCH)
 	touch $@
 
 venv: $(BIN)/.installed

@@ -172,6 +172,20 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"wrote {args.plot}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from genfast.engines.onnx import export
+
+    if args.out.is_dir():
+        raise GenfastError(f"--out {args.out} is a folder; give a file name such as model.onnx")
+    images.writable_target(args.out)
+    sampler = pretrained.load(args.model)
+    path = export(sampler, args.out)
+    inputs = "noise (B, " + ", ".join(map(str, sampler.noise_shape)) + ")" + (", labels (B,)" if sampler.conditional
+                                                                           else "")
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): inputs {inputs}, output images (B, "
+          f"{', '.join(map(str, sampler.image_shape))}) in [-1, 1]")
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from genfast import checkpoint
 
@@ -299,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_bench)
+
+    p = commands.add_parser("export", help="write a model's sampler network as ONNX (dynamic batch)")
+    p.add_argument("model", help="checkpoint path or shipped model name")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", type=Path, required=True, help="the .onnx file")
+    p.set_defaults(run=cmd_export)
 
     p = commands.add_parser("models", help="list the shipped models, one per line, name first")
     p.set_defaults(run=cmd_models)

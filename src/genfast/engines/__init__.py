@@ -19,6 +19,7 @@ from typing import Callable
 from genfast.engines.fusion import fold_batchnorm
 from genfast.engines.precision import bf16
 from genfast.engines.compiled import compiled
+from genfast.engines.onnx import onnx_runtime
 from genfast.errors import GenfastError
 from genfast.families.base import Sampler
 
@@ -49,6 +50,7 @@ ENGINES: dict[str, Callable[[Sampler], Sampler]] = {
     "fused": fused,
     "bf16": lambda sampler: rewrap(sampler, "bf16", *bf16(sampler)),
     "compile": lambda sampler: rewrap(sampler, "compile", *compiled(sampler)),
+    "onnx": lambda sampler: rewrap(sampler, "onnx", *onnx_runtime(sampler)),
 }
 
 
