@@ -72,7 +72,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise GenfastError("--steps is the length of an --interpolate walk; add --interpolate or drop it")
     args.steps = args.steps or 10
     sampler = pretrained.load(args.model, device=args.device)  # a wrong name fails before anything is written
-    sampler = engines.apply(sampler, args.engine)
     class_index = None if getattr(args, "class") is None else sampler.class_index(getattr(args, "class"))
     if as_folder and out.is_dir() and (any(out.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"))
                                        or any(out.glob("shard_*.npz"))):
@@ -84,7 +83,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         grid, nrow = _reconstructions(args, class_index), 10
         what = f"{args.n} test images (odd rows) and their reconstructions (even rows)"
     elif args.interpolate:
-        grid = sampler.interpolate(args.n, args.steps, args.seed, class_index, args.batch_size)
+        fast = engines.apply(sampler, args.engine)
+        grid = fast.interpolate(args.n, args.steps, args.seed, class_index, args.batch_size)
         nrow = args.steps
         what = f"{args.n} walks of {args.steps} steps between pairs of samples"
     elif as_folder:  # written batch by batch (by --workers processes), never all in memory at once
@@ -95,7 +95,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"wrote {written} images to {out}/ ({args.format})")
         return
     else:
-        grid = sampler.generate(args.n, args.seed, class_index, args.batch_size, progress=not args.quiet)
+        fast = engines.apply(sampler, args.engine)  # bulk output applies it in each worker instead
+        grid = fast.generate(args.n, args.seed, class_index, args.batch_size, progress=not args.quiet)
         nrow = sampler.num_classes if sampler.conditional and class_index is None \
             and args.n % sampler.num_classes == 0 else None
         what = f"{args.n} images"
@@ -129,8 +130,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from genfast import metrics
 
     if args.json:  # fail before minutes of work, not after
-        if args.json.is_dir():
-            raise GenfastError(f"--json {args.json} is a folder; give a file name")
         images.writable_target(args.json)
     sampler = engines.apply(pretrained.load(args.model, device=args.device), args.engine)
     result = metrics.evaluate(sampler, n=args.n, seed=args.seed, batch_size=args.batch_size,
@@ -175,8 +174,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from genfast.engines.onnx import export
 
-    if args.out.is_dir():
-        raise GenfastError(f"--out {args.out} is a folder; give a file name such as model.onnx")
     images.writable_target(args.out)
     sampler = pretrained.load(args.model)
     path = export(sampler, args.out)

@@ -56,8 +56,8 @@ def writable_target(path: Path) -> Path:
         raise GenfastError(f"cannot write {path}: {e.strerror}; choose another output path") from None
     if not os.access(path.parent, os.W_OK):
         raise GenfastError(f"cannot write {path}: folder {path.parent} is not writable; choose another output path")
-    if path.is_dir() and path.suffix:
-        raise GenfastError(f"cannot write {path}: it is a folder")
+    if path.is_dir():
+        raise GenfastError(f"cannot write {path}: it is a folder; give a file name")
     return path
 
 
