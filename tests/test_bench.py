@@ -40,5 +40,5 @@ def test_bench_writes_table_json_and_plot(tiny_cgan, tmp_path: Path, capsys, mon
 
 
 def test_bench_rejects_an_unknown_engine(tiny_gan, capsys):
-    status, _, err = run(capsys, "bench", tiny_gan, "--engines", "warp")
-    assert status == 1 and "unknown engine 'warp'" in err
+    status, _, err = run(capsys, "bench", tiny_gan, "--engines", "fused+warp")
+    assert status == 2 and "unknown engine 'warp'" in err

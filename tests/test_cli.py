@@ -196,7 +196,7 @@ def test_reconstruct_and_interpolate_grids(tiny_gan, tmp_path: Path, capsys):
     assert status == 0 and np.array(Image.open(tmp_path / "i.png")).shape == (2 * (3 * 30 + 2), 2 * (5 * 30 + 2))
 
     status, _, err = run(capsys, "sample", tiny_gan, "--reconstruct", "--out", tmp_path / "x.png")
-    assert status == 1 and "needs a model with an encoder (vae)" in err
+    assert status == 1 and "needs a model with an encoder (vae, vqvae)" in err
 
 
 def test_eval_refuses_a_judge_of_another_image_size_and_a_folder_for_json(tiny_classifier, tmp_path: Path, capsys):

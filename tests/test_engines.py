@@ -74,6 +74,81 @@ def test_bf16_is_within_its_pixel_error_bound_and_keeps_the_class(name):
         assert (predicted_ref == predicted_fast).float().mean() >= 0.98  # class accuracy unchanged
 
 
+def judged_labels(sampler, pixels):
+    from genfast import metrics
+
+    judge = metrics.load_judge(sampler.info["dataset"])
+    return judge.embed([pixels], len(pixels), "", progress=False)[1]
+
+
+@pytest.mark.parametrize("name", ["cgan-mnist", "cvae-mnist", "vae-fashion-mnist"])
+def test_int8_is_within_its_pixel_error_bound_and_keeps_class_accuracy(name):
+    pytest.importorskip("onnxruntime")
+    sampler, noise, labels, expected = reference(name, n=500)
+    fast = engines.apply(sampler, "int8")
+    assert fast.module is None  # runs in ONNX Runtime
+    pixels = fast(noise, labels)
+    # int8 moves pixels by ~1% of the range on average (measured 0.009-0.021 on these
+    # models; 0.047 on the Fashion-MNIST GAN); a few pixels by much more.
+    assert (pixels - expected).abs().mean() < 0.03
+    if sampler.conditional:
+        accuracy = (judged_labels(sampler, pixels) == labels).float().mean()
+        reference_accuracy = (judged_labels(sampler, expected) == labels).float().mean()
+        assert abs(accuracy - reference_accuracy) <= 0.02
+
+
+def test_engines_compose_left_to_right():
+    sampler, noise, labels, expected = reference("cgan-mnist", n=16)
+    stacked = engines.apply(sampler, "fused+bf16+compile")
+    assert stacked.info["engine"] == "fused+bf16+compile"
+    out = stacked(noise, labels)
+    assert out.dtype == torch.float32 and 0 < (out - expected).abs().max() < 0.15  # bf16's bound, and really bf16
+    with pytest.raises(GenfastError, match="'onnx' must come last in 'onnx\\+fused'"):
+        engines.apply(sampler, "onnx+fused")
+    with pytest.raises(GenfastError, match="unknown engine 'warp'"):
+        engines.apply(sampler, "fused+warp")
+
+
+def test_engines_that_need_cuda_say_so_in_one_line():
+    sampler = genfast.load("gan-mnist")
+    for name, needs in (("cudagraph", "cudagraph needs a CUDA device"), ("fp16", "fp16 runs on CUDA only")):
+        with pytest.raises(engines.EngineUnavailable, match=needs):
+            engines.apply(sampler, name)
+
+
+def test_graph_replay_keeps_static_buffers_and_hands_out_copies():
+    """The CUDA graph bookkeeping on the CPU: a stand-in recorder whose replay re-runs the
+    recorded function on the same static buffers into the same output, as a graph does."""
+    from genfast.engines.cudagraph import GraphReplay
+
+    sampler, noise, labels, expected = reference("cgan-mnist", n=8)
+    recorded = []
+
+    def recorder(run):
+        output = run()
+        recorded.append(output)
+        return (lambda: output.copy_(run())), output
+
+    replay = GraphReplay(sampler.module, conditional=True, recorder=recorder)
+    first = replay(noise[:5], labels[:5])
+    assert torch.allclose(first, expected[:5], atol=1e-6)
+    second = replay(noise[3:8], labels[3:8])  # same bucket (8): the same graph, new inputs
+    assert torch.allclose(second, expected[3:8], atol=1e-6)
+    assert torch.allclose(first, expected[:5], atol=1e-6)  # the first result did not change under it
+    assert sorted(replay.graphs) == [8] and len(recorded) == 1
+    replay(noise[:2], labels[:2])
+    assert sorted(replay.graphs) == [2, 8] and len(recorded) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cudagraph_matches_eager_on_cuda():
+    sampler = genfast.load("cgan-mnist", device="cuda")
+    noise, labels = sampler.noise(40, 2), sampler.labels(40)
+    fast = engines.apply(sampler, "cudagraph")
+    for n in (1, 17, 40):
+        assert torch.allclose(fast(noise[:n], labels[:n]).cpu(), sampler(noise[:n], labels[:n]).cpu(), atol=1e-4)
+
+
 def test_compile_matches_eager_and_buckets_batch_sizes():
     sampler, noise, labels, expected = reference("cgan-mnist", n=8)
     fast = engines.apply(sampler, "compile")
@@ -92,3 +167,22 @@ def test_engines_keep_the_sampler_interface_and_refuse_unknown_names():
                           atol=1e-5)
     with pytest.raises(GenfastError, match="unknown engine 'turbo'; choose one of: eager, fused"):
         engines.apply(sampler, "turbo")
+
+
+@pytest.mark.parametrize("kernel,stride,padding,output_padding", [(4, 2, 1, 0), (2, 2, 0, 0), (6, 3, 2, 1), (8, 4, 2, 0)])
+def test_subpixel_rewrite_equals_the_transposed_convolution(kernel, stride, padding, output_padding):
+    from genfast.engines.subpixel import SubPixelConv, subpixel
+
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose2d(5, 3, kernel, stride, padding, output_padding=output_padding)
+    rewritten = subpixel(nn.Sequential(layer))
+    assert isinstance(rewritten[0], SubPixelConv)
+    x = torch.randn(2, 5, 7, 6)
+    assert torch.allclose(rewritten(x), layer(x), atol=1e-5)
+
+
+def test_subpixel_leaves_layers_it_cannot_rewrite():
+    from genfast.engines.subpixel import subpixel
+
+    odd = nn.Sequential(nn.ConvTranspose2d(5, 3, 5, 2, 2, output_padding=1), nn.ConvTranspose2d(3, 3, 4, 2, 0))
+    assert all(isinstance(m, nn.ConvTranspose2d) for m in subpixel(odd))

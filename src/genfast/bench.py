@@ -1,12 +1,15 @@
 """`genfast bench`: every engine at every batch size, speed and quality side by side.
 
 For each (engine, batch size): the one-off cost (wrapping + first call: folding,
-compiling), a warm-up, then timed calls, interleaved across engines (the device
-synchronised around each; CUDA events on a GPU), giving median and p90 latency and images/s; the ratio to eager
-measured in the same run; the max and mean |pixel difference| to eager on the same
-noise; and, with --fid-n, FID through `genfast eval`'s code for the engine's images
-next to eager's. An engine that cannot run here is a row with status "skipped: why",
-never a crash. Output: a markdown table, a JSON list of rows, a PNG plot.
+compiling, quantising), a warm-up, then timed calls, interleaved across engines (the
+device synchronised around each; CUDA events on a GPU), giving median and p90 latency
+and images/s; the ratio to eager measured in the same run; the memory a warm call
+needs (its peak above the level before it); the max and mean |pixel difference| to
+eager on the same noise; and, with --fid-n, FID through `genfast eval`'s code for the
+engine's images next to eager's. An engine that cannot run here is a row with status "skipped: why",
+never a crash. For an ar model the decoding strategies are measured the same way,
+each row also carrying its forward passes per image and its ratio to naive decoding.
+Output: a markdown table, a JSON list of rows, a PNG plot.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from genfast import engines, images
+from genfast import engines, images, memory
+from genfast.errors import GenfastError
+from genfast.families.ar import with_decoding
 from genfast.families.base import Sampler
 
 
@@ -27,6 +32,7 @@ from genfast.families.base import Sampler
 class Row:
     engine: str
     batch_size: int
+    decode: str | None = None      # ar models: the decoding strategy
     status: str = "ok"
     one_off_s: float | None = None
     median_ms: float | None = None
@@ -37,6 +43,8 @@ class Row:
     mean_abs_diff: float | None = None
     peak_memory_mb: float | None = None
     fid: float | None = None
+    forward_passes_per_image: int | None = None  # ar models
+    speedup_vs_naive: float | None = None         # ar models: against naive decoding, same engine
 
 
 def _timed(call, device: torch.device) -> float:
@@ -53,68 +61,109 @@ def _timed(call, device: torch.device) -> float:
     return time.perf_counter() - begin
 
 
+def _peak_memory_mb(call, device: torch.device) -> float | None:
+    """Memory one warm call needs above what was in use before it: the CUDA allocator's
+    peak on a GPU; on the CPU the process's malloc high-water mark, sampled (memory.py),
+    which also sees ONNX Runtime's buffers."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        call()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    with memory.peak_cpu_bytes() as peak:
+        call()
+    return None if peak["peak"] is None else peak["peak"] / 2**20
+
+
+def _passes(sampler: Sampler) -> int | None:
+    """Forward passes of an ar sampler's last call (its generator counts them)."""
+    if sampler.module is None:
+        return None
+    return next((m.passes for m in sampler.module.modules() if hasattr(m, "passes")), None)
+
+
 def measure(sampler: Sampler, engine_names: list[str], batch_sizes: list[int], repeats: int = 20,
-            warmup: int = 3, fid_n: int = 0, seed: int = 0, progress: bool = True) -> list[Row]:
-    """Rows in engine order, then batch size. The timed calls of all engines are interleaved
-    (round robin), so a machine that speeds up or slows down during the run skews no engine."""
-    device = next(sampler.module.parameters()).device
-    ready: dict[str, tuple[Sampler, float]] = {}  # engine -> (its sampler, seconds to wrap)
-    rows: dict[tuple[str, int], Row] = {}
-    for name in engine_names:
+            warmup: int = 3, fid_n: int = 0, seed: int = 0, progress: bool = True,
+            decodes: list[str] | None = None) -> list[Row]:
+    """Rows in engine order (then decode), then batch size. The timed calls of all
+    variants are interleaved (round robin), so a machine that speeds up or slows down
+    during the run skews none. For an ar model, `decodes` are its decoding strategies;
+    each engine's rows are compared with eager under the same strategy."""
+    if decodes and getattr(sampler.module, "one_call", True):
+        raise GenfastError("--decode applies to ar models, which decode token by token; this one makes an image "
+                           "in one call")
+    device = sampler.device
+    variants = [(name, decode) for name in engine_names for decode in (decodes or [None])]
+    ready: dict[tuple[str, str | None], tuple[Sampler, float]] = {}  # -> (its sampler, seconds to wrap)
+    rows: dict[tuple[str, str | None, int], Row] = {}
+    for name, decode in variants:
+        base = sampler if decode is None else with_decoding(sampler, decode)
         try:
             start = time.perf_counter()
-            ready[name] = (engines.apply(sampler, name), time.perf_counter() - start)
+            ready[name, decode] = (engines.apply(base, name), time.perf_counter() - start)
         except engines.EngineUnavailable as e:  # a row, not a crash; an unknown name is still an error
-            rows.update({(name, b): Row(name, b, status=f"skipped: {e}") for b in batch_sizes})
+            rows.update({(name, decode, b): Row(name, b, decode, status=f"skipped: {e}") for b in batch_sizes})
     for batch in batch_sizes:
         noise, labels = sampler.noise(batch, seed), sampler.labels(batch)
-        expected = sampler(noise, labels).float().cpu()
-        for name, (fast, wrap_s) in ready.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+        expected = {decode: (sampler if decode is None else with_decoding(sampler, decode))(noise, labels).float().cpu()
+                    for decode in (decodes or [None])}
+        for (name, decode), (fast, wrap_s) in ready.items():
             start = time.perf_counter()
             out = fast(noise, labels).float().cpu()
             one_off = time.perf_counter() - start + (wrap_s if batch == batch_sizes[0] else 0.0)
+            passes = _passes(fast)
             for _ in range(warmup):
                 fast(noise, labels)
-            rows[name, batch] = Row(name, batch, one_off_s=one_off,
-                                    max_abs_diff=float((out - expected).abs().max()),
-                                    mean_abs_diff=float((out - expected).abs().mean()),
-                                    peak_memory_mb=torch.cuda.max_memory_allocated(device) / 2**20
-                                    if device.type == "cuda" else None)
-        times: dict[str, list[float]] = {name: [] for name in ready}
+            difference = (out - expected[decode]).abs()
+            rows[name, decode, batch] = Row(name, batch, decode, one_off_s=one_off,
+                                            max_abs_diff=float(difference.max()),
+                                            mean_abs_diff=float(difference.mean()),
+                                            peak_memory_mb=_peak_memory_mb(lambda: fast(noise, labels), device),
+                                            forward_passes_per_image=passes)
+        times: dict[tuple[str, str | None], list[float]] = {key: [] for key in ready}
         for _ in range(repeats):
-            for name, (fast, _) in ready.items():
-                times[name].append(_timed(lambda: fast(noise, labels), device))
-        for name in ready:
-            ordered = sorted(times[name])
-            row = rows[name, batch]
+            for key, (fast, _) in ready.items():
+                times[key].append(_timed(lambda: fast(noise, labels), device))
+        for (name, decode), seconds in times.items():
+            ordered = sorted(seconds)
+            row = rows[name, decode, batch]
             row.median_ms = 1000 * statistics.median(ordered)
             row.p90_ms = 1000 * ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
             row.images_per_s = 1000 * batch / row.median_ms
-        if "eager" in ready:
-            for name in ready:
-                rows[name, batch].speedup_vs_eager = rows[name, batch].images_per_s / rows["eager", batch].images_per_s
+        for name, decode in ready:
+            row = rows[name, decode, batch]
+            if ("eager", decode) in ready:
+                row.speedup_vs_eager = row.images_per_s / rows["eager", decode, batch].images_per_s
+            if (name, "naive") in ready:
+                row.speedup_vs_naive = row.images_per_s / rows[name, "naive", batch].images_per_s
     if fid_n:
         from genfast import metrics
 
-        for name, (fast, _) in ready.items():
+        for (name, decode), (fast, _) in ready.items():
             fid = metrics.evaluate(fast, n=fid_n, seed=seed, progress=progress)["fid"]
             for batch in batch_sizes:
-                rows[name, batch].fid = fid
-    return [rows[name, batch] for name in engine_names for batch in batch_sizes]
+                rows[name, decode, batch].fid = fid
+    return [rows[name, decode, batch] for name, decode in variants for batch in batch_sizes]
 
 
 def markdown(rows: list[Row]) -> str:
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
-    lines = ["| engine | batch | status | one-off s | median ms | p90 ms | images/s | vs eager | max diff | FID |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    decoding = any(r.decode for r in rows)  # ar models: decode, passes and the ratio to naive too
+    lines = ["| engine | " + ("decode | " if decoding else "") + "batch | status | one-off s | median ms | p90 ms | "
+             "images/s | vs eager | " + ("passes | vs naive | " if decoding else "") + "peak MB | max diff | FID |",
+             "| --- | " + ("--- | " if decoding else "") + "---: | --- | ---: | ---: | ---: | ---: | ---: | "
+             + ("---: | ---: | " if decoding else "") + "---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r.engine} | {r.batch_size} | {r.status} | {fmt(r.one_off_s, '.2f')} | "
+        ar_columns = (f"{fmt(r.forward_passes_per_image, 'd')} | {fmt(r.speedup_vs_naive, '.2f')} | "
+                      if decoding else "")
+        lines.append(f"| {r.engine} | " + (f"{r.decode} | " if decoding else "") + f"{r.batch_size} | {r.status} | "
+                     f"{fmt(r.one_off_s, '.2f')} | "
                      f"{fmt(r.median_ms, '.3f')} | {fmt(r.p90_ms, '.3f')} | {fmt(r.images_per_s, ',.0f')} | "
-                     f"{fmt(r.speedup_vs_eager, '.2f')}x | {fmt(r.max_abs_diff, '.1e')} | {fmt(r.fid, '.3f')} |")
+                     f"{fmt(r.speedup_vs_eager, '.2f')}{'x' if r.speedup_vs_eager else ''} | {ar_columns}{fmt(r.peak_memory_mb, '.1f')} | {fmt(r.max_abs_diff, '.1e')} | {fmt(r.fid, '.3f')} |")
     return "\n".join(lines)
 
 
@@ -134,10 +183,11 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
 
     images.writable_target(path)
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
-    for engine in dict.fromkeys(r.engine for r in rows):
-        points = [(r.batch_size, r.images_per_s) for r in rows if r.engine == engine and r.status == "ok"]
+    for engine, decode in dict.fromkeys((r.engine, r.decode) for r in rows):
+        points = [(r.batch_size, r.images_per_s) for r in rows
+                  if (r.engine, r.decode) == (engine, decode) and r.status == "ok"]
         if points:
-            axes.plot(*zip(*points), marker="o", label=engine)
+            axes.plot(*zip(*points), marker="o", label=engine if decode is None else f"{engine}, {decode}")
     axes.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images / s", title=title)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()

@@ -28,13 +28,14 @@ _worker: dict = {}  # per process: the sampler, its noise and labels, the job's 
 
 
 def _setup(model: str, engine: str, n: int, seed: int, class_index: int | None, out: str, fmt: str,
-           threads: int) -> None:
-    from genfast import engines
+           threads: int, settings: dict, condition: torch.Tensor | None) -> None:
+    from genfast import engines, memory
 
+    memory.reuse_freed_memory()
     torch.set_num_threads(threads)
-    sampler = engines.apply(pretrained.load(model), engine)
-    _worker.update(sampler=sampler, noise=sampler.noise(n, seed), labels=sampler.labels(n, class_index),
-                   out=Path(out), fmt=fmt)
+    sampler = engines.apply(pretrained.load(model, **settings), engine)
+    labels = sampler.labels(n, class_index) if condition is None else condition.expand(n, -1)
+    _worker.update(sampler=sampler, noise=sampler.noise(n, seed), labels=labels, out=Path(out), fmt=fmt)
 
 
 def _write(span: tuple[int, int]) -> int:
@@ -47,14 +48,18 @@ def _write(span: tuple[int, int]) -> int:
     else:
         shard = _worker["out"] / f"shard_{start:09d}.npz"
         with atomic_path(shard, durable=False) as tmp, open(tmp, "wb") as f:
+            class_labels = batch_labels is not None and not batch_labels.is_floating_point()
             np.savez(f, images=images.to_uint8(pixels).numpy(), index=np.arange(start, end),
-                     labels=np.array([]) if batch_labels is None else batch_labels.numpy())
+                     labels=batch_labels.numpy() if class_labels else np.array([]))
     return end - start
 
 
 def generate(model: str, out: Path, n: int, seed: int = 0, class_index: int | None = None, batch_size: int = 256,
-             workers: int = 1, fmt: str = "png", engine: str = "eager", progress: bool = True) -> int:
-    """Write n images of `model` into the folder `out`; returns how many were written."""
+             workers: int = 1, fmt: str = "png", engine: str = "eager", progress: bool = True,
+             settings: dict | None = None, condition: torch.Tensor | None = None) -> int:
+    """Write n images of `model` into the folder `out`; returns how many were written.
+    `settings` are the model's sampling settings (ar: decode, cfg); `condition`, one
+    prompt embedding for every image (ar-text)."""
     if fmt not in FORMATS:
         raise GenfastError(f"unknown format '{fmt}'; choose one of: {', '.join(FORMATS)}")
     if workers < 1:
@@ -62,18 +67,19 @@ def generate(model: str, out: Path, n: int, seed: int = 0, class_index: int | No
     ensure_dir(out)
     spans = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
     threads = max(1, (os.cpu_count() or 1) // workers)
-    settings = (str(model), engine, n, seed, class_index, str(out), fmt, threads)
+    setup = (str(model), engine, n, seed, class_index, str(out), fmt, threads, settings or {},
+             None if condition is None else condition[:1].clone())
     bar = tqdm(total=n, desc=f"sampling ({workers} worker{'s' if workers > 1 else ''})", unit="img",
                disable=not progress)
     written = 0
     if workers == 1:
-        _setup(*settings)
+        _setup(*setup)
         for span in spans:
             written += _write(span)
             bar.update(span[1] - span[0])
     else:
         # spawn, not fork: a forked copy of a process with a live thread pool can deadlock.
-        with multiprocessing.get_context("spawn").Pool(workers, initializer=_setup, initargs=settings) as pool:
+        with multiprocessing.get_context("spawn").Pool(workers, initializer=_setup, initargs=setup) as pool:
             for count in pool.imap_unordered(_write, spans):
                 written += count
                 bar.update(count)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from genfast import data, engines, images, pretrained
+from genfast import data, engines, images, memory, pretrained
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import FAMILIES
@@ -47,6 +47,21 @@ def _positive(text: str) -> int:
     return value
 
 
+def _engine(text: str) -> str:
+    """An engine name, or names joined by "+" (checked here, before any work)."""
+    unknown = [name for name in text.split("+") if name not in engines.ENGINES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown engine '{unknown[0]}'; choose from {', '.join(engines.ENGINES)}"
+                                         " or join them with +")
+    return text
+
+
+def _sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decode", choices=["naive", "kv", "static", "jacobi", "parallel"],
+                   help="ar models: how tokens are decoded (default: the model's own)")
+    p.add_argument("--cfg", type=float, help="ar models: classifier-free guidance scale (1 = none)")
+
+
 # --- commands -------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -56,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                            resume=args.resume, device=args.device, precision=args.precision,
                            sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
                            progress=not args.quiet)
-    path = train(args.family, options, preset=args.preset, toml_path=args.config, pairs=args.overrides,
+    pairs = [*args.overrides, "text=true"] if args.text else args.overrides
+    path = train(args.family, options, preset=args.preset, toml_path=args.config, pairs=pairs,
                  conditional=args.conditional)
     print(f"checkpoint: {path}")
 
@@ -71,16 +87,28 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.steps is not None and not args.interpolate:
         raise GenfastError("--steps is the length of an --interpolate walk; add --interpolate or drop it")
     args.steps = args.steps or 10
-    sampler = pretrained.load(args.model, device=args.device)  # a wrong name fails before anything is written
-    class_index = None if getattr(args, "class") is None else sampler.class_index(getattr(args, "class"))
+    if args.prompt is not None and (getattr(args, "class") is not None or args.reconstruct or args.interpolate):
+        raise GenfastError("--prompt makes plain samples: drop --class, --reconstruct and --interpolate")
+    settings = {"decode": args.decode, "cfg": args.cfg}
+    # A wrong name or setting fails before anything is written (even a folder).
+    if args.reconstruct:
+        pretrained.resolve(args.model)
+    else:
+        sampler = pretrained.load(args.model, device=args.device, **settings)
+        class_index = None if getattr(args, "class") is None else sampler.class_index(getattr(args, "class"))
+        condition = None
+        if args.prompt is not None:
+            from genfast.families.ar import prompt_condition
+
+            condition = prompt_condition(sampler, args.prompt, args.n)
     if as_folder and out.is_dir() and (any(out.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"))
                                        or any(out.glob("shard_*.npz"))):
         raise GenfastError(f"{out} already holds generated images; choose an empty or new folder")
     if not as_folder and (args.workers > 1 or args.format != "png"):
         raise GenfastError("--workers and --format npz write into a folder: give --out a folder")
     images.writable_target(out / "x.png" if as_folder else out)
-    if args.reconstruct:
-        grid, nrow = _reconstructions(args, class_index), 10
+    if args.reconstruct:  # needs the data set and an encoder, not a sampler
+        grid, nrow = _reconstructions(args), 10
         what = f"{args.n} test images (odd rows) and their reconstructions (even rows)"
     elif args.interpolate:
         fast = engines.apply(sampler, args.engine)
@@ -91,27 +119,34 @@ def cmd_sample(args: argparse.Namespace) -> None:
         from genfast import bulk
 
         written = bulk.generate(args.model, out, args.n, args.seed, class_index, args.batch_size, args.workers,
-                                args.format, args.engine, progress=not args.quiet)
+                                args.format, args.engine, progress=not args.quiet, settings=settings,
+                                condition=condition)
         print(f"wrote {written} images to {out}/ ({args.format})")
         return
     else:
         fast = engines.apply(sampler, args.engine)  # bulk output applies it in each worker instead
-        grid = fast.generate(args.n, args.seed, class_index, args.batch_size, progress=not args.quiet)
-        nrow = sampler.num_classes if sampler.conditional and class_index is None \
+        grid = fast.generate(args.n, args.seed, class_index, args.batch_size, progress=not args.quiet,
+                             condition=condition)
+        nrow = sampler.num_classes if sampler.conditional and class_index is None and condition is None \
             and args.n % sampler.num_classes == 0 else None
-        what = f"{args.n} images"
+        what = f"{args.n} images" + (f" of '{args.prompt}'" if condition is not None else "")
     images.save_grid(grid, out, nrow=nrow)
     print(f"wrote a grid of {what} to {out}")
 
 
-def _reconstructions(args: argparse.Namespace, class_index: int | None) -> torch.Tensor:
-    """Real test images, each block of ten followed by its reconstructions (VAE only)."""
+def _reconstructions(args: argparse.Namespace) -> torch.Tensor:
+    """Real test images, each block of ten followed by its reconstructions (vae, vqvae)."""
     from genfast import checkpoint, data
+    from genfast.families.base import class_index as find_class
 
     ckpt = checkpoint.load(pretrained.resolve(args.model))
     family, config, modules = pretrained.load_modules(ckpt, resolve_device(args.device))
     if not hasattr(family, "reconstruct"):
-        raise GenfastError(f"--reconstruct needs a model with an encoder (vae); {args.model} is a {family.name}")
+        raise GenfastError(f"--reconstruct needs a model with an encoder (vae, vqvae); {args.model} is a "
+                           f"{family.name}")
+    class_index = None
+    if getattr(args, "class") is not None:
+        class_index = find_class(tuple(ckpt.dataset.get("class_names", ())), getattr(args, "class"))
     test = data.load(ckpt.dataset["name"], "test", image_size=config.image_size, channels=config.channels)
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
     if class_index is not None:
@@ -131,9 +166,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.json:  # fail before minutes of work, not after
         images.writable_target(args.json)
-    sampler = engines.apply(pretrained.load(args.model, device=args.device), args.engine)
+    sampler = engines.apply(pretrained.load(args.model, device=args.device, decode=args.decode, cfg=args.cfg),
+                            args.engine)
     result = metrics.evaluate(sampler, n=args.n, seed=args.seed, batch_size=args.batch_size,
                               classifier=args.classifier, device=args.device, progress=not args.quiet)
+    if getattr(getattr(sampler.module, "net", None), "text", False):
+        result["prompt_accuracy"] = metrics.prompt_accuracy(sampler, args.per_prompt, args.seed, args.classifier,
+                                                            args.device, progress=not args.quiet)
     print(f"{args.model} ({args.engine} engine) on {result['dataset']} ({result['data_source']}), "
           f"judged by {result['classifier']}")
     print(f"| metric | generated (n={result['n']}) | real train (n={result['n_real_train']}) |")
@@ -144,6 +183,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if "accuracy" in result:
         print(f"| class accuracy | {result['accuracy']:.4f} | {result['real_accuracy']:.4f} (test split) |")
         print("per class: " + ", ".join(f"{name} {acc:.3f}" for name, acc in result["per_class_accuracy"].items()))
+    for kind, scores in result.get("prompt_accuracy", {}).items():
+        print(f"prompt accuracy, {kind.replace('_', ' ')}: {scores['accuracy']:.4f} "
+              f"({len(scores['per_prompt'])} prompts x {args.per_prompt} images)")
     if args.json:
         from genfast.fileio import write_bytes
 
@@ -159,7 +201,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             images.writable_target(path)
     sampler = pretrained.load(args.model, device=args.device)
     rows = bench.measure(sampler, args.engines, args.batch_sizes, repeats=args.repeats, fid_n=args.fid_n,
-                         seed=args.seed, progress=not args.quiet)
+                         seed=args.seed, progress=not args.quiet, decodes=args.decode)
     print(f"{args.model} on {resolve_device(args.device)}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(bench.markdown(rows))
@@ -250,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="fashion-mnist (default) | mnist | fake | folder:PATH; --resume keeps the run's")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, samples/, tb/")
     p.add_argument("--conditional", action="store_true", help="class-conditional variant")
+    p.add_argument("--text", action="store_true", help="ar: condition on text prompts (MiniLM) instead of classes")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=_positive, help="total epochs of the run (default 5)")
     length.add_argument("--steps", type=_positive, help="total optimisation steps of the run")
@@ -279,10 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--interpolate", action="store_true",
                       help="n rows, each a walk (--steps images) between two samples")
     p.add_argument("--steps", type=_positive, help="images per walk for --interpolate (default 10)")
-    p.add_argument("--engine", default="eager", choices=list(engines.ENGINES), help="how to run the model")
+    p.add_argument("--engine", type=_engine, default="eager",
+                   help="how to run the model: one of " + ", ".join(engines.ENGINES) + ", or several joined by +")
     p.add_argument("--workers", type=_positive, default=1, help="processes writing a folder (bulk generation)")
     p.add_argument("--format", default="png", choices=["png", "npz"],
                    help="folder output: one PNG per image, or .npz shards of a batch each")
+    _sampling_arguments(p)
+    p.add_argument("--prompt", help="ar-text models: what to draw (\"\" for unconditional)")
     p.set_defaults(run=cmd_sample)
 
     p = commands.add_parser("eval", help="FID, KID and class accuracy of a model against the test split")
@@ -291,8 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     p.add_argument("--classifier", help="feature network (default: the shipped classifier of the data set)")
-    p.add_argument("--engine", default="eager", choices=list(engines.ENGINES),
+    p.add_argument("--engine", type=_engine, default="eager",
                    help="how to run the model: judge an engine's images, not just its speed")
+    _sampling_arguments(p)
+    p.add_argument("--per-prompt", type=_positive, default=50,
+                   help="ar-text models: images per prompt for the prompt accuracy")
     p.add_argument("--batch-size", type=_positive, default=500)
     p.add_argument("--device", default="cpu")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -300,10 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("bench", help="speed and quality of every engine, side by side")
     p.add_argument("model", help="checkpoint path or shipped model name")
-    p.add_argument("--engines", nargs="+", default=list(engines.ENGINES), help="engines to run (eager first)")
+    p.add_argument("--engines", nargs="+", type=_engine, default=list(engines.ENGINES),
+                   help="engines to run, eager first; join names with + to stack them (fused+bf16+compile)")
     p.add_argument("--batch-sizes", nargs="+", type=_positive, default=[1, 16, 256])
     p.add_argument("--repeats", type=_positive, default=20, help="timed calls per row")
     p.add_argument("--fid-n", type=int, default=0, help="also FID of each engine's images (0 = off; 10000 usual)")
+    p.add_argument("--decode", nargs="+", choices=["naive", "kv", "static", "jacobi", "parallel"],
+                   help="ar models: decoding strategies to measure side by side (naive first)")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--json", type=Path, help="write the rows as JSON")
     p.add_argument("--plot", type=Path, help="write images/s against batch size as a PNG")
@@ -359,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(overrides) != len(extra) or (overrides and args.command != "train"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = overrides
+    memory.reuse_freed_memory()  # every command allocates the same large tensors over and over: memory.py
     try:
         args.run(args)
     except GenfastError as e:

@@ -200,3 +200,29 @@ def evaluate(sampler: Sampler, n: int = 10_000, seed: int = 0, batch_size: int =
         real = class_accuracy(test_predicted, test.labels, test.class_names)
         result["real_accuracy"] = real["accuracy"]
     return result
+
+
+def prompt_accuracy(sampler: Sampler, per_prompt: int = 50, seed: int = 0, classifier: str | None = None,
+                    device: str = "cpu", progress: bool = True) -> dict:
+    """For a text-conditioned model: the share of images made from a prompt that the judge
+    puts in the class the prompt describes, over the training phrasings and over held-out
+    phrasings never seen in training (text.HELD_OUT), overall and per prompt."""
+    from genfast import text
+    from genfast.families.ar import prompt_condition
+
+    dataset = sampler.info["dataset"]
+    judge = load_judge(dataset, classifier, device, sampler.image_shape)
+    result = {}
+    for kind, phrasings in (("train_phrasings", text.captions(dataset, sampler.class_names)),
+                            ("held_out_phrasings", text.HELD_OUT.get(dataset, []))):
+        per_prompt_accuracy, correct = {}, 0
+        prompts = [(index, prompt) for index, prompts in enumerate(phrasings) for prompt in prompts]
+        for index, prompt in tqdm(prompts, desc=f"prompts: {kind.replace('_', ' ')}", disable=not progress):
+            pixels = sampler.generate(per_prompt, seed, condition=prompt_condition(sampler, prompt, per_prompt))
+            _, predicted = judge.embed([pixels], per_prompt, "", progress=False)
+            hits = int((predicted == index).sum())
+            per_prompt_accuracy[prompt] = hits / per_prompt
+            correct += hits
+        if prompts:
+            result[kind] = {"accuracy": correct / (per_prompt * len(prompts)), "per_prompt": per_prompt_accuracy}
+    return result

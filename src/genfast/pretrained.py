@@ -69,14 +69,25 @@ def load_modules(ckpt: checkpoint.Checkpoint, device: str | torch.device = "cpu"
     return family, config, {name: module.to(device) for name, module in modules.items()}
 
 
-def load(name_or_path: str | Path, device: str = "cpu") -> Sampler:
-    """A shipped model's name or a checkpoint path -> its eager fp32 sampler on `device`."""
+def load(name_or_path: str | Path, device: str = "cpu", **settings) -> Sampler:
+    """A shipped model's name or a checkpoint path -> its eager fp32 sampler on `device`.
+
+    `settings` change how the family samples (its `sampling_keys`: for ar, decode, cfg,
+    temperature, ...); None leaves the checkpoint's own value."""
     path = resolve(name_or_path)
     ckpt = checkpoint.load(path)
     family, config, modules = load_modules(ckpt, resolve_device(device))
     if not family.generative:
         raise GenfastError(f"{name_or_path} is a {family.name}, which does not generate images; "
-                           f"give a gan or vae checkpoint")
+                           f"give a gan, vae or ar checkpoint")
+    settings = {key: value for key, value in settings.items() if value is not None}
+    allowed = getattr(family, "sampling_keys", ())
+    if unknown := [key for key in settings if key not in allowed]:
+        raise GenfastError(f"{', '.join(unknown)} do(es) not apply to a {family.name} model"
+                           + (f"; it takes {', '.join(allowed)}" if allowed else ""))
+    config = configlib.override(config, settings)
+    if hasattr(family, "check_sampling"):
+        family.check_sampling(config)
     sampler = family.sampler(modules, config, tuple(ckpt.dataset.get("class_names", ())))
     sampler.info = {"family": ckpt.family, "model": family.model_name(config), "dataset": ckpt.dataset["name"],
                     "step": ckpt.step, "path": str(path)}

@@ -172,9 +172,15 @@ def train(family_name: str, options: TrainOptions, preset: str = "default", toml
         raise GenfastError(f"batch_size={config.batch_size} is impossible for {len(train_set)} training images; "
                            f"choose 2..{len(train_set)}")
 
+    initial: dict[str, dict[str, torch.Tensor]] = {}
+    if saved is None and hasattr(family, "prepare"):  # a family that starts from trained parts (ar: its tokenizer)
+        config, initial = family.prepare(config, train_set)
+
     device = resolve_device(options.device)
     torch.manual_seed(seed)  # weight initialisation
     modules = {name: m.to(device) for name, m in family.build(config).items()}
+    for name, state in initial.items():
+        modules[name].load_state_dict(state, strict=False)
     optimizers = family.optimizers(modules, config)
     start = 0
     if saved is not None:

@@ -5,7 +5,11 @@ noise. An engine works on a copy of the sampler's network (`Sampler.module`) and
 returns a new Sampler with the same noise and label interface:
 
     sampler = genfast.load("gan-fashion-mnist")
-    fast = genfast.engines.apply(sampler, "fused")
+    fast = genfast.engines.apply(sampler, "fused+bf16+compile")
+
+Engines compose with "+", applied left to right: each PyTorch engine returns a whole
+module (precision casts included) that the next one wraps. onnx and int8 hand the
+network to ONNX Runtime, so they come last.
 
 ENGINES is the one registry; an engine that cannot run here raises
 EngineUnavailable with one line saying why.
@@ -16,10 +20,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from genfast.engines.fusion import fold_batchnorm
-from genfast.engines.precision import bf16
-from genfast.engines.compiled import compiled
-from genfast.engines.onnx import onnx_runtime
+import torch
+from torch import nn
+
+from genfast.engines.compiled import Bucketed
+from genfast.engines.cudagraph import cuda_graphed
+from genfast.engines.fusion import fold_batchnorm, fastest_layout
+from genfast.engines.onnx import int8_runtime, onnx_runtime
+from genfast.engines.precision import reduced
 from genfast.errors import GenfastError
 from genfast.families.base import Sampler
 
@@ -28,35 +36,61 @@ class EngineUnavailable(GenfastError):
     """This engine cannot run on this machine (no CUDA, a runtime not installed, ...)."""
 
 
-def eager(sampler: Sampler) -> Sampler:
-    """The reference: the model as trained, fp32, no changes."""
-    return sampler
+def rewrap(sampler: Sampler, module: nn.Module | None, fn: Callable | None = None, **info) -> Sampler:
+    """A copy of `sampler` running `module` (through `fn` when the engine needs its own call;
+    module None when the network no longer runs in PyTorch)."""
+    wrapped = sampler if module is None else Sampler.from_module(module, sampler.noise_shape, sampler.image_shape,
+                                                                  sampler.class_names)
+    return dataclasses.replace(sampler, fn=fn or wrapped.fn, module=module, info=sampler.info | info)
 
 
 def fused(sampler: Sampler) -> Sampler:
     """Inference-optimised eager: BatchNorm folded into the layer before it (exact up to
-    fp32 rounding), so each BN costs nothing at sampling time."""
-    return rewrap(sampler, "fused", fold_batchnorm(sampler.module, conditional=sampler.conditional))
+    fp32 rounding), and the faster memory layout for this machine (see fastest_layout)."""
+    module, layout = fastest_layout(fold_batchnorm(sampler.module, conditional=sampler.conditional),
+                                    sampler.noise(64, 0), sampler.labels(64))
+    return rewrap(sampler, module, layout=layout)
 
 
-def rewrap(sampler: Sampler, engine: str, module, fn: Callable | None = None) -> Sampler:
-    """A copy of `sampler` running `module` (through `fn` when the engine needs its own call)."""
-    wrapped = Sampler.from_module(module, sampler.noise_shape, sampler.image_shape, sampler.class_names)
-    return dataclasses.replace(wrapped, fn=fn or wrapped.fn, info=sampler.info | {"engine": engine})
+def compiled(sampler: Sampler) -> Sampler:
+    """torch.compile with batch sizes bucketed (compiled.py); a later engine (cudagraph)
+    wraps the compiled module."""
+    bucketed = Bucketed(sampler.module)
+    return rewrap(sampler, bucketed.run, bucketed)
 
 
 ENGINES: dict[str, Callable[[Sampler], Sampler]] = {
-    "eager": eager,
+    "eager": lambda sampler: sampler,
     "fused": fused,
-    "bf16": lambda sampler: rewrap(sampler, "bf16", *bf16(sampler)),
-    "compile": lambda sampler: rewrap(sampler, "compile", *compiled(sampler)),
-    "onnx": lambda sampler: rewrap(sampler, "onnx", *onnx_runtime(sampler)),
+    "bf16": lambda sampler: rewrap(sampler, reduced(sampler, torch.bfloat16)),
+    "fp16": lambda sampler: rewrap(sampler, reduced(sampler, torch.float16)),
+    "compile": compiled,
+    # Replays recorded graphs, not the module: nothing can wrap it after this.
+    "cudagraph": lambda sampler: rewrap(sampler, None, cuda_graphed(sampler.module, sampler.conditional)),
+    "onnx": lambda sampler: rewrap(sampler, None, onnx_runtime(sampler)),
+    "int8": lambda sampler: rewrap(sampler, None, int8_runtime(sampler)),
 }
 
 
+# Engines that trace, export or record the network as one call; a sampler that decodes in
+# a loop of data-dependent length (ar) takes its speed-ups from its decoding strategy.
+ONE_CALL = ("fused", "compile", "cudagraph", "onnx", "int8")
+
+
 def apply(sampler: Sampler, engine: str) -> Sampler:
-    if engine not in ENGINES:
-        raise GenfastError(f"unknown engine '{engine}'; choose one of: {', '.join(ENGINES)}")
-    if sampler.module is None and engine != "eager":
-        raise GenfastError(f"engine '{engine}' needs the sampler's network; load it with genfast.load")
-    return ENGINES[engine](sampler)
+    """`sampler` through `engine`: a name from ENGINES, or names joined by "+"."""
+    steps = engine.split("+")
+    for name in steps:
+        if name not in ENGINES:
+            raise GenfastError(f"unknown engine '{name}'; choose one of: {', '.join(ENGINES)} (or join them with +)")
+        if name in ONE_CALL and not getattr(sampler.module, "one_call", True):
+            raise EngineUnavailable(f"'{name}' needs a network run in one call; this model decodes token by token "
+                                    "(its speed-ups are --decode kv, static, jacobi, parallel)")
+    for previous, name in zip([None, *steps], steps):
+        if sampler.module is None and name != "eager":
+            if previous is None:
+                raise GenfastError(f"engine '{name}' needs the sampler's network; load it with genfast.load")
+            raise GenfastError(f"'{previous}' must come last in '{engine}': it no longer runs a PyTorch module "
+                               "that the next engine could wrap")
+        sampler = ENGINES[name](sampler)
+    return dataclasses.replace(sampler, info=sampler.info | {"engine": engine})

@@ -10,12 +10,9 @@ one-off cost paid on first use of that bucket.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
-from genfast.families.base import Sampler
 
 
 def bucket(batch: int) -> int:
@@ -41,7 +38,3 @@ class Bucketed:
             labels = torch.cat([labels, labels.new_zeros(padded - n)]).to(self.device)
         return self.run(noise, labels)[:n]
 
-
-def compiled(sampler: Sampler) -> tuple[nn.Module, Bucketed]:
-    module = copy.deepcopy(sampler.module).eval()
-    return module, Bucketed(module)

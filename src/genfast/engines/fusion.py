@@ -10,6 +10,8 @@ network with Linear / Conv2d / ConvTranspose2d -> BatchNorm pairs is folded, on 
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 
 import torch
 from torch import fx, nn
@@ -66,3 +68,31 @@ def fold_batchnorm(module: nn.Module, conditional: bool) -> fx.GraphModule:
     graph_module.delete_all_unused_submodules()
     graph_module.recompile()
     return graph_module
+
+
+def fastest_layout(module: nn.Module, noise: torch.Tensor, labels: torch.Tensor | None,
+                   repeats: int = 5) -> tuple[nn.Module, str]:
+    """`module` in whichever memory layout runs the probe batch faster here: "contiguous"
+    (NCHW) or "channels_last" (NHWC weights, which convolutions then propagate).
+
+    Measured on the 2-core VM, channels_last made the VAE decoder ~10% faster and the
+    DCGAN generator ~6% slower; on GPUs it is what tensor cores want. Timing both, as
+    cuDNN's benchmark mode does for its algorithms, beats a fixed rule; the layouts
+    give the same numbers to fp32 rounding, so the choice changes speed only."""
+    if not any(p.dim() == 4 for p in module.parameters()):
+        return module, "contiguous"
+    candidates = {"contiguous": module, "channels_last": copy.deepcopy(module).to(memory_format=torch.channels_last)}
+    device = next(module.parameters()).device
+    noise, labels = noise.to(device), None if labels is None else labels.to(device)
+    seconds: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first round warms up and is dropped
+            for name, candidate in candidates.items():
+                begin = time.perf_counter()
+                candidate(noise, labels)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds[name].append(time.perf_counter() - begin)
+    median = {name: statistics.median(times[1:]) for name, times in seconds.items()}
+    best = "channels_last" if median["channels_last"] < 0.97 * median["contiguous"] else "contiguous"
+    return candidates[best], best

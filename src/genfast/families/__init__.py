@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from genfast.errors import GenfastError
 from genfast.families.base import Family, Sampler
+from genfast.families.ar import AR
 from genfast.families.classifier import Classifier
 from genfast.families.gan import GAN
 from genfast.families.vae import VAE
+from genfast.families.vqvae import VQVAE
 
-# The generative families, and the classifier that judges them (trained by the same trainer).
-FAMILIES: dict[str, Family] = {"gan": GAN(), "vae": VAE(), "classifier": Classifier()}
+# The generative families, the tokenizer `ar` builds on, and the classifier that judges
+# them (all trained by the same trainer).
+FAMILIES: dict[str, Family] = {"gan": GAN(), "vae": VAE(), "ar": AR(), "vqvae": VQVAE(), "classifier": Classifier()}
 
 
 def get_family(name: str) -> Family:

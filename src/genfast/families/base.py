@@ -51,6 +51,11 @@ class Sampler:
         return bool(self.class_names)
 
     @property
+    def device(self) -> torch.device:
+        """Where the network runs (the CPU for a sampler without a PyTorch network)."""
+        return torch.device("cpu") if self.module is None else next(self.module.parameters()).device
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
@@ -65,26 +70,10 @@ class Sampler:
         return torch.randn(n, *self.noise_shape, generator=generator)
 
     def class_index(self, name_or_index: str | int) -> int:
-        """A class index (int), or a class name or index as text (`--class`) -> the index.
-
-        Text is matched against the names first (exactly, then ignoring case), since a
-        folder data set may name its classes "3" and "7"; then read as an index.
-        """
+        """A class index (int), or a class name or index as text (`--class`) -> the index."""
         if not self.conditional:
             raise GenfastError("a class was asked for, but this model is unconditional")
-        listing = ", ".join(f"{i}={n}" for i, n in enumerate(self.class_names))
-        if isinstance(name_or_index, str):
-            lowered = [n.lower() for n in self.class_names]
-            if name_or_index in self.class_names:
-                return self.class_names.index(name_or_index)
-            if name_or_index.lower() in lowered:
-                return lowered.index(name_or_index.lower())
-            if not name_or_index.lstrip("-").isdigit():
-                raise GenfastError(f"unknown class '{name_or_index}'; this model's classes: {listing}")
-        index = int(name_or_index)
-        if not 0 <= index < self.num_classes:
-            raise GenfastError(f"class {index} is outside this model's classes 0..{self.num_classes - 1} ({listing})")
-        return index
+        return class_index(self.class_names, name_or_index)
 
     def labels(self, n: int, class_index: str | int | None = None) -> torch.Tensor | None:
         """Labels for n images: all `class_index`, or cycling through the classes."""
@@ -97,13 +86,15 @@ class Sampler:
         return torch.full((n,), self.class_index(class_index), dtype=torch.long)
 
     def batches(self, n: int, seed: int = 0, class_index: str | int | None = None, batch_size: int = 256,
-                progress: bool = False) -> Iterator[torch.Tensor]:
-        """n images for `seed`, made and handed out `batch_size` at a time (on the CPU)."""
+                progress: bool = False, condition: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """n images for `seed`, made and handed out `batch_size` at a time (on the CPU);
+        `condition` (one row per image: a text model's prompt embeddings) replaces the labels."""
         if n < 1:
             raise GenfastError(f"number of images must be at least 1, got {n}")
         if batch_size < 1:
             raise GenfastError(f"batch size must be at least 1, got {batch_size}")
-        noise, labels = self.noise(n, seed), self.labels(n, class_index)
+        noise = self.noise(n, seed)
+        labels = self.labels(n, class_index) if condition is None else condition
         with tqdm(total=n, desc="sampling", unit="img", disable=not progress) as bar:
             for start in range(0, n, batch_size):
                 end = min(start + batch_size, n)
@@ -127,9 +118,27 @@ class Sampler:
                           for i in range(0, len(noise), batch_size)])
 
     def generate(self, n: int, seed: int = 0, class_index: str | int | None = None, batch_size: int = 256,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, condition: torch.Tensor | None = None) -> torch.Tensor:
         """n images for `seed` as one (n, C, H, W) tensor in [-1, 1]."""
-        return torch.cat(list(self.batches(n, seed, class_index, batch_size, progress)))
+        return torch.cat(list(self.batches(n, seed, class_index, batch_size, progress, condition)))
+
+
+def class_index(class_names: tuple[str, ...], name_or_index: str | int) -> int:
+    """Text is matched against the names first (exactly, then ignoring case), since a
+    folder data set may name its classes "3" and "7"; then read as an index."""
+    listing = ", ".join(f"{i}={n}" for i, n in enumerate(class_names))
+    if isinstance(name_or_index, str):
+        lowered = [n.lower() for n in class_names]
+        if name_or_index in class_names:
+            return class_names.index(name_or_index)
+        if name_or_index.lower() in lowered:
+            return lowered.index(name_or_index.lower())
+        if not name_or_index.lstrip("-").isdigit():
+            raise GenfastError(f"unknown class '{name_or_index}'; this model's classes: {listing}")
+    index = int(name_or_index)
+    if not 0 <= index < len(class_names):
+        raise GenfastError(f"class {index} is outside this model's classes 0..{len(class_names) - 1} ({listing})")
+    return index
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

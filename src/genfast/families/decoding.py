@@ -1,0 +1,183 @@
+"""Decoding strategies for the `ar` family: loops around one transformer step.
+
+Every strategy turns a condition prefix and per-token uniform noise into a grid of
+image tokens, and counts its forward passes (what a speed-up must cut):
+
+- `naive`:    recompute the whole sequence for every token (an LLM with no cache). T passes,
+              each over a growing sequence: O(T^2) token computations.
+- `kv`:       keep each layer's keys and values (a growing cache). T passes of one token.
+- `static`:   the same with a cache allocated once at full length, updated in place and
+              attended through a mask: every step has the same shapes, which is what
+              torch.compile and CUDA graphs need (the LlamaGen / gpt-fast recipe).
+- `jacobi`:   speculative Jacobi decoding (Teng et al., ICLR 2025): all positions drafted
+              at once, each pass checks the drafts left to right with the speculative
+              sampling test, min(1, p/q), keeps the accepted run, and redrafts the rest.
+              Training-free, and its samples follow the sequential distribution exactly.
+- `parallel`: MaskGIT (Chang et al., CVPR 2022): a bidirectional transformer trained to
+              fill masked tokens fixes the most confident ones each step, on a cosine
+              schedule, in a fixed number of steps. Needs the `masked` objective.
+
+Noise: three uniforms per token position, `u` (draws by inverse CDF), `r` (the Jacobi
+acceptance test; MaskGIT's confidence noise) and `v` (Jacobi's draw from the residual
+distribution after a rejection). Sequential decoders use `u` alone, so `naive`, `kv`
+and `static` give the same tokens for the same noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Options:
+    cfg: float = 1.0           # classifier-free guidance scale (1 = the conditional model alone)
+    temperature: float = 1.0   # 0 = greedy
+    top_k: int = 0             # 0 = the whole vocabulary
+    parallel_steps: int = 8    # MaskGIT's number of steps
+    jacobi_window: int = 16    # drafts checked per Jacobi pass
+
+
+def guided_probs(logits: torch.Tensor, options: Options, guided: bool) -> torch.Tensor:
+    """Logits (2B or B, ..., V) -> probabilities (B, ..., V) in fp32: classifier-free
+    guidance (the batch holds conditional rows then unconditional ones), temperature,
+    top-k. Temperature 0 gives a one-hot on the argmax (greedy)."""
+    logits = logits.float()
+    if guided:
+        conditional, unconditional = logits.chunk(2)
+        logits = unconditional + options.cfg * (conditional - unconditional)
+    if options.top_k:
+        kth = logits.topk(min(options.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if options.temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.softmax(logits / options.temperature, dim=-1)
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: the token whose cumulative probability first exceeds u."""
+    cumulative = probs.cumsum(-1)
+    index = torch.searchsorted(cumulative, (uniforms * cumulative[..., -1]).unsqueeze(-1).contiguous())
+    return index.squeeze(-1).clamp_max(probs.shape[-1] - 1)
+
+
+class Decoder:
+    """The shared set-up: the condition prefix (doubled with the null condition under
+    guidance), the sequence length and the passes counter."""
+
+    def __init__(self, net, prefix: torch.Tensor, options: Options):
+        self.net, self.options = net, options
+        self.guided = options.cfg != 1.0
+        self.prefix = torch.cat([prefix, net.null_prefix(len(prefix))]) if self.guided else prefix
+        self.batch, self.length, self.passes = len(prefix), net.sequence_length, 0
+
+    def rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tokens, tokens]) if self.guided else tokens
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        self.passes += 1
+        return guided_probs(logits, self.options, self.guided)
+
+
+def naive(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
+    d = Decoder(net, prefix, options)
+    tokens = torch.zeros(d.batch, 0, dtype=torch.long, device=prefix.device)
+    for i in range(d.length):
+        logits = net(d.prefix, d.rows(tokens))[:, -1]
+        tokens = torch.cat([tokens, draw(d.probs(logits), noise[:, 0, i])[:, None]], 1)
+    return tokens, d.passes
+
+
+def _cached(cache_class):
+    def decode(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
+        d = Decoder(net, prefix, options)
+        cache = cache_class(net, len(d.prefix), prefix.device)
+        logits = net.step(d.prefix, None, cache, 0)[:, -1]  # the prefix in one pass (prefill)
+        tokens = []
+        for i in range(d.length):
+            tokens.append(draw(d.probs(logits), noise[:, 0, i]))
+            if i + 1 < d.length:
+                logits = net.step(None, d.rows(tokens[-1][:, None]), cache, net.prefix_tokens + i)[:, -1]
+        return torch.stack(tokens, 1), d.passes
+    return decode
+
+
+def jacobi(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
+    """Speculative Jacobi decoding. Each pass runs the whole draft sequence; per row,
+    drafts from the first unaccepted position on are tested left to right (at most
+    `jacobi_window`): draft x ~ q is kept with probability min(1, p(x)/q(x)); the first
+    rejected one is replaced by a draw from the residual max(p - q, 0) and ends the run.
+    At least one token is settled per pass. Positions after the run are redrafted from
+    the latest p, which becomes their q. The first drafts come from the uniform q."""
+    d = Decoder(net, prefix, options)
+    batch, length, vocab = d.batch, d.length, net.vocab_size
+    u, r, v = noise[:, 0], noise[:, 1], noise[:, 2]
+    q = torch.full((batch, length, vocab), 1.0 / vocab, device=prefix.device)
+    drafts = draw(q, u)
+    accepted = torch.zeros(batch, dtype=torch.long, device=prefix.device)
+    positions = torch.arange(length, device=prefix.device)
+    while bool((accepted < length).any()):
+        logits = net(d.prefix, d.rows(drafts[:, :-1]))[:, net.prefix_tokens - 1:]
+        p = d.probs(logits)  # (B, T, V): p[:, j] is the distribution of token j given the drafts before it
+        ratio = p.gather(2, drafts[..., None]).squeeze(2) / q.gather(2, drafts[..., None]).squeeze(2)
+        tested = (positions >= accepted[:, None]) & (positions < accepted[:, None] + options.jacobi_window)
+        rejected = tested & ~(r < ratio)
+        # Per row: the first rejected position, or the end of the window if all passed.
+        first = torch.where(rejected.any(1), rejected.float().argmax(1),
+                            (accepted + options.jacobi_window).clamp_max(length))
+        at = first.clamp_max(length - 1)
+        row = torch.arange(batch, device=prefix.device)
+        residual = (p[row, at] - q[row, at]).clamp_min(0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[row, at])
+        replace = rejected.any(1)
+        drafts[row[replace], at[replace]] = draw(residual[replace], v[row[replace], at[replace]])
+        settled = torch.where(replace, first + 1, first)
+        redraft = positions >= settled[:, None]
+        drafts = torch.where(redraft, draw(p, u), drafts)
+        q = torch.where(redraft[..., None], p, q)
+        accepted = torch.maximum(accepted, settled)
+    return drafts, d.passes
+
+
+def parallel(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
+    """MaskGIT decoding: every step predicts all masked tokens at once and fixes the most
+    confident, leaving T * cos(pi/2 * step/steps) masked; confidence is the token's log
+    probability plus Gumbel noise annealed to zero (Chang et al.'s choice-temperature)."""
+    d = Decoder(net, prefix, options)
+    batch, length, steps = d.batch, d.length, options.parallel_steps
+    tokens = torch.full((batch, length), net.mask_token, dtype=torch.long, device=prefix.device)
+    masked = torch.ones(batch, length, dtype=torch.bool, device=prefix.device)
+    gumbel = -torch.log(-torch.log(noise[:, 1].clamp(1e-10, 1 - 1e-7)))
+    for step in range(steps):
+        logits = net(d.prefix, d.rows(tokens))[:, net.prefix_tokens:]
+        p = d.probs(logits)
+        sampled = draw(p, noise[:, 0])
+        confidence = p.gather(2, sampled[..., None]).squeeze(2).clamp_min(1e-30).log()
+        confidence = confidence + 4.5 * (1 - (step + 1) / steps) * gumbel
+        confidence = confidence.masked_fill(~masked, math.inf)  # fixed tokens stay fixed
+        remaining = int(masked[0].sum())
+        keep_masked = 0 if step == steps - 1 else min(remaining - 1,
+                                                      math.floor(length * math.cos(math.pi / 2 * (step + 1) / steps)))
+        keep_masked = max(keep_masked, 0)
+        order = confidence.argsort(1)  # least confident first
+        still = torch.zeros_like(masked).scatter(1, order[:, :keep_masked], True) & masked
+        newly = masked & ~still
+        tokens = torch.where(newly, sampled, tokens)
+        masked = still
+    return tokens, d.passes
+
+
+def _static_cache(net, batch, device):
+    return net.static_cache(batch, device)
+
+
+def _dynamic_cache(net, batch, device):
+    return net.dynamic_cache()
+
+
+DECODERS = {"naive": naive, "kv": _cached(_dynamic_cache), "static": _cached(_static_cache), "jacobi": jacobi,
+            "parallel": parallel}
+CAUSAL = ("naive", "kv", "static", "jacobi")

@@ -1,0 +1,213 @@
+"""The VQ-VAE image tokenizer: a 28x28 image <-> a 7x7 grid of codes from a learned codebook.
+
+The first stage of the `ar` family (van den Oord et al., 2017, "Neural Discrete
+Representation Learning"). A convolutional encoder downsamples by 4 to a grid of
+`code_dim`-vectors; each is replaced by its nearest codebook entry (its token);
+the decoder turns the grid of entries back into pixels. Gradients pass the
+quantiser straight through; a commitment loss keeps the encoder near its codes.
+
+Codebook collapse (most codes never chosen, so the transformer gets a tiny
+vocabulary) is handled the two ways that work in practice: the codebook follows
+the encoder outputs assigned to it by exponential moving averages rather than by
+gradient (the paper's appendix; as in Sonnet's VectorQuantizerEMA), and a code
+whose usage falls below `dead_threshold` is restarted on a random encoder output
+of the current batch (Dhariwal et al., 2020, Jukebox). The trainer logs codebook
+usage and perplexity; `evaluate` reports reconstruction error and usage on the
+test split at every checkpoint.
+
+Trained with `genfast train vqvae`; not an image generator by itself (the `ar`
+family's transformer makes its tokens), so it ships as a tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genfast.config import require
+from genfast.errors import GenfastError
+from genfast.families.base import TrainedConfig
+
+
+@dataclass
+class VQVAEConfig(TrainedConfig):
+    hidden_channels: int = 64    # the encoder's first convolution; the second has twice as many
+    code_dim: int = 32           # size of a codebook vector
+    codebook_size: int = 256     # the transformer's vocabulary
+    commitment: float = 0.25     # beta of the commitment loss (the paper's value)
+    ema_decay: float = 0.99
+    dead_threshold: float = 0.03  # restart a code whose EMA count per batch falls below this
+    lr: float = 1e-3
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "tiny": {"hidden_channels": 8, "code_dim": 4, "codebook_size": 16, "batch_size": 32},
+}
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: VQVAEConfig):
+        super().__init__()
+        h = c.hidden_channels
+        self.net = nn.Sequential(
+            nn.Conv2d(c.channels, h, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(h, 2 * h, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * h, 2 * h, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * h, c.code_dim, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)  # (B, code_dim, H/4, W/4)
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: VQVAEConfig):
+        super().__init__()
+        h = c.hidden_channels
+        self.net = nn.Sequential(
+            nn.Conv2d(c.code_dim, 2 * h, 3, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(2 * h, h, 4, stride=2, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(h, c.channels, 4, stride=2, padding=1), nn.Tanh())
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.net(codes)
+
+
+class Quantizer(nn.Module):
+    """Nearest-neighbour lookup into a codebook kept by exponential moving averages."""
+
+    def __init__(self, c: VQVAEConfig):
+        super().__init__()
+        self.decay, self.dead_threshold = c.ema_decay, c.dead_threshold
+        self.register_buffer("codebook", torch.randn(c.codebook_size, c.code_dim) * 0.1)
+        self.register_buffer("ema_count", torch.ones(c.codebook_size))
+        self.register_buffer("ema_sum", self.codebook.clone())
+
+    def tokens(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(N, D) vectors -> (N,) index of the nearest code (squared Euclidean distance)."""
+        distances = (vectors.pow(2).sum(1, keepdim=True) - 2 * vectors @ self.codebook.T
+                     + self.codebook.pow(2).sum(1)[None])
+        return distances.argmin(1)
+
+    @torch.no_grad()
+    def update(self, vectors: torch.Tensor, tokens: torch.Tensor, generator: torch.Generator) -> None:
+        """One EMA step of the codebook towards the vectors assigned to each code, then
+        restart the dead codes on random vectors of this batch."""
+        one_hot = F.one_hot(tokens, len(self.codebook)).type(vectors.dtype)
+        self.ema_count.mul_(self.decay).add_(one_hot.sum(0), alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(one_hot.T @ vectors, alpha=1 - self.decay)
+        # Laplace smoothing keeps a rarely used code from dividing by ~0.
+        n = self.ema_count.sum()
+        count = (self.ema_count + 1e-5) / (n + len(self.codebook) * 1e-5) * n
+        self.codebook.copy_(self.ema_sum / count[:, None])
+        dead = self.ema_count < self.dead_threshold
+        if dead.any():
+            pick = torch.randint(len(vectors), (int(dead.sum()),), generator=generator, device=generator.device)
+            self.codebook[dead] = vectors[pick.to(vectors.device)]
+            self.ema_sum[dead] = self.codebook[dead]
+            self.ema_count[dead] = 1.0
+
+
+class VQVAENet(nn.Module):
+    """images <-> token grids; `encode` and `decode` are what the `ar` family uses."""
+
+    def __init__(self, c: VQVAEConfig):
+        super().__init__()
+        self.encoder, self.quantizer, self.decoder = Encoder(c), Quantizer(c), Decoder(c)
+        self.grid = c.image_size // 4
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [-1, 1] -> (B, grid*grid) tokens, row by row."""
+        z = self.encoder(images)
+        return self.quantizer.tokens(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])).view(len(images), -1)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, grid*grid) tokens -> (B, C, H, W) in [-1, 1]."""
+        codes = self.quantizer.codebook[tokens].view(len(tokens), self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        return self.decoder(codes)
+
+
+def usage(tokens: torch.Tensor, codebook_size: int) -> dict[str, float]:
+    """Fraction of the codebook used, and the perplexity of the code distribution (the
+    effective number of codes: codebook_size when all are used equally)."""
+    counts = torch.bincount(tokens.flatten(), minlength=codebook_size).float()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"codebook_usage": float((counts > 0).float().mean()), "perplexity": float(entropy.exp())}
+
+
+class VQVAE:
+    name = "vqvae"
+    config_class = VQVAEConfig
+    presets = PRESETS
+    generative = False
+    optimizer_keys = ("lr",)
+
+    def model_name(self, config: VQVAEConfig) -> str:
+        return "vqvae"
+
+    def build(self, config: VQVAEConfig) -> dict[str, nn.Module]:
+        require(config, positive=("hidden_channels", "code_dim", "codebook_size", "batch_size", "lr", "image_size"),
+                non_negative=("commitment", "dead_threshold"), unit=("ema_decay",))
+        if config.image_size % 4:
+            raise GenfastError(f"image_size must be a multiple of 4 for the VQ-VAE, got {config.image_size}")
+        if config.codebook_size < 2:
+            raise GenfastError(f"codebook_size must be at least 2, got {config.codebook_size}")
+        return {"vqvae": VQVAENet(config)}
+
+    def optimizers(self, modules: dict[str, nn.Module], config: VQVAEConfig) -> dict[str, torch.optim.Optimizer]:
+        # The codebook is a buffer (EMA), so the optimizer sees the encoder and decoder only.
+        return {"vqvae": torch.optim.Adam(modules["vqvae"].parameters(), lr=config.lr)}
+
+    def train_step(self, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                   images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
+                   config: VQVAEConfig) -> dict[str, float]:
+        net = modules["vqvae"]
+        z = net.encoder(images)
+        vectors = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        tokens = net.quantizer.tokens(vectors.detach())
+        quantized = net.quantizer.codebook[tokens]
+        commitment = F.mse_loss(vectors, quantized)
+        straight_through = vectors + (quantized - vectors).detach()
+        grid = straight_through.view(len(images), net.grid, net.grid, -1).permute(0, 3, 1, 2)
+        reconstruction = F.mse_loss(net.decoder(grid), images)
+        loss = reconstruction + config.commitment * commitment
+        optimizers["vqvae"].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers["vqvae"].step()
+        net.quantizer.update(vectors.detach().float(), tokens, generator)
+        return {"loss": loss.item(), "reconstruction_mse": reconstruction.item(), "commitment": commitment.item()}\
+            | usage(tokens, config.codebook_size)
+
+    @torch.inference_mode()
+    def evaluate(self, modules: dict[str, nn.Module], config: VQVAEConfig, images: torch.Tensor,
+                 labels: torch.Tensor) -> dict[str, float]:
+        """Reconstruction error and codebook use on a held-out split; the trainer logs them."""
+        net = modules["vqvae"].eval()
+        device = next(net.parameters()).device
+        errors, tokens = [], []
+        for start in range(0, len(images), 1000):
+            batch = images[start:start + 1000].to(device)
+            t = net.encode(batch)
+            errors.append(F.mse_loss(net.decode(t), batch, reduction="sum").item())
+            tokens.append(t.cpu())
+        net.train()
+        mse = sum(errors) / images.numel()
+        return {"reconstruction_mse": mse, "psnr_db": 10 * math.log10(4 / mse)} | usage(torch.cat(tokens),
+                                                                                       config.codebook_size)
+
+    @torch.inference_mode()
+    def reconstruct(self, modules: dict[str, nn.Module], config: VQVAEConfig, images: torch.Tensor,
+                    labels: torch.Tensor | None) -> torch.Tensor:
+        """[-1, 1] images -> tokens -> images: what `sample --reconstruct` shows."""
+        net = modules["vqvae"].eval()
+        device = next(net.parameters()).device
+        return net.decode(net.encode(images.to(device))).cpu()
+
+    def inference_modules(self) -> tuple[str, ...]:
+        return ("vqvae",)

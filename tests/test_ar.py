@@ -1,0 +1,231 @@
+"""The ar family: the VQ-VAE tokenizer, the transformer, and every decoding strategy."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import genfast
+from genfast.errors import GenfastError
+from genfast.families import decoding
+from genfast.families.ar import AR, ARConfig, ARNet, with_decoding
+from genfast.families.vqvae import VQVAE, Quantizer, VQVAEConfig, usage
+from genfast.train import TrainOptions, train
+
+
+def tiny_net(objective="causal", vocab=16, tokens=9, classes=3, seed=0, scale=1.0) -> ARNet:
+    """An untrained transformer; `scale` sharpens its distributions (random weights of
+    std 0.02 give nearly uniform ones, which would make every decoder look right)."""
+    torch.manual_seed(seed)
+    config = ARConfig(n_layer=2, n_head=2, n_embd=16, dropout=0.0, objective=objective, conditional=True,
+                      num_classes=classes)
+    net = ARNet(config, vocab, tokens).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(scale)
+    return net
+
+
+def noise(batch, tokens, seed=1):
+    return torch.rand(batch, 3, tokens, generator=torch.Generator().manual_seed(seed))
+
+
+# --- the tokenizer ---------------------------------------------------------------------------
+
+def test_quantizer_finds_the_nearest_code_and_restarts_dead_ones():
+    torch.manual_seed(0)
+    config = VQVAEConfig(code_dim=4, codebook_size=8, ema_decay=0.5, dead_threshold=0.5)
+    quantizer = Quantizer(config)
+    # Every code is its own nearest neighbour.
+    assert torch.equal(quantizer.tokens(quantizer.codebook), torch.arange(8))
+    # A batch far from the codebook falls on one or two codes: the rest die and are
+    # restarted on the batch's own vectors, after which the batch uses many codes.
+    vectors = torch.randn(256, 4) * 3 + 100
+    generator = torch.Generator().manual_seed(0)
+    before = usage(quantizer.tokens(vectors), 8)["codebook_usage"]
+    for _ in range(5):
+        quantizer.update(vectors, quantizer.tokens(vectors), generator)
+    after = usage(quantizer.tokens(vectors), 8)["codebook_usage"]
+    assert before <= 0.25 and after >= 0.75
+
+
+def test_usage_and_perplexity():
+    assert usage(torch.arange(8), 8) == {"codebook_usage": 1.0, "perplexity": pytest.approx(8.0)}
+    assert usage(torch.zeros(10, dtype=torch.long), 8) == {"codebook_usage": 0.125, "perplexity": pytest.approx(1.0)}
+
+
+@pytest.fixture(scope="module")
+def tiny_vqvae(tmp_path_factory):
+    options = TrainOptions(out=tmp_path_factory.mktemp("vqvae"), data="fake", steps=40, progress=False,
+                           sample_every=1000, checkpoint_every=1000)
+    return train("vqvae", options, preset="tiny")
+
+
+def test_vqvae_round_trip_and_evaluation(tiny_vqvae):
+    from genfast import checkpoint, data, images, pretrained
+
+    ckpt = checkpoint.load(tiny_vqvae)
+    family, config, modules = pretrained.load_modules(ckpt)
+    net = modules["vqvae"].eval()
+    test = images.to_float(data.load("fake", "test").images[:32])
+    tokens = net.encode(test)
+    assert tokens.shape == (32, 49) and tokens.dtype == torch.long and 0 <= int(tokens.min()) < 16 > int(tokens.max())
+    rebuilt = net.decode(tokens)
+    assert rebuilt.shape == test.shape and rebuilt.abs().max() <= 1
+    # The trainer logged held-out scores at the checkpoint, and they describe this round trip.
+    scores = ckpt.extra["test"]
+    assert set(scores) >= {"reconstruction_mse", "psnr_db", "codebook_usage", "perplexity"}
+    assert scores["reconstruction_mse"] < float(test.pow(2).mean())  # better than predicting grey
+    assert 0 < scores["codebook_usage"] <= 1
+
+
+# --- the decoders ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_naive_kv_and_static_give_the_same_tokens(cfg):
+    net = tiny_net(scale=3.0)
+    prefix = net.prefix(torch.tensor([0, 1, 2, -1]))
+    u = noise(4, 9)
+    for temperature in (0.0, 1.0):  # greedy, then sampling on the same uniforms
+        options = decoding.Options(cfg=cfg, temperature=temperature)
+        results = {name: decoding.DECODERS[name](net, prefix, u, options) for name in ("naive", "kv", "static")}
+        tokens = results["naive"][0]
+        assert tokens.shape == (4, 9) and len(set(tokens.flatten().tolist())) > 1
+        for name, (other, passes) in results.items():
+            assert torch.equal(other, tokens), name
+            assert passes == 9  # one pass per token, the prefill included
+
+
+def exact_distribution(net, prefix, vocab, length):
+    """p(sequence) for every sequence, from the model's conditionals."""
+    sequences = torch.cartesian_prod(*[torch.arange(vocab)] * length)
+    with torch.no_grad():
+        logits = net(prefix.expand(len(sequences), -1, -1), sequences[:, :-1])[:, net.prefix_tokens - 1:]
+    log_p = torch.log_softmax(logits.float(), -1).gather(2, sequences[..., None]).squeeze(2).sum(1)
+    return sequences, log_p.exp()
+
+
+def chi_square(tokens, sequences, expected, vocab):
+    index = (tokens * vocab ** torch.arange(tokens.shape[1] - 1, -1, -1)).sum(1)
+    order = (sequences * vocab ** torch.arange(sequences.shape[1] - 1, -1, -1)).sum(1)
+    observed = torch.bincount(index, minlength=vocab ** tokens.shape[1]).float()[order]
+    counts = expected * len(tokens)
+    return float(((observed - counts) ** 2 / counts).sum())
+
+
+def test_jacobi_reproduces_the_sequential_distribution():
+    """A statistical test on a model small enough to enumerate: 3 tokens of a 3-word
+    vocabulary, 27 sequences. 20,000 Jacobi samples against the exact probabilities; a
+    chi-square beyond 55 (p < 0.001 at 26 degrees of freedom) would mean a biased decoder.
+    The same test catches a Jacobi decoder that skips the acceptance test."""
+    vocab, length, n = 3, 3, 20_000
+    net = tiny_net(vocab=vocab, tokens=length, scale=6.0)
+    prefix = net.prefix(torch.tensor([1]))
+    sequences, expected = exact_distribution(net, prefix, vocab, length)
+    assert float(expected.max()) > 3 / 27  # far from uniform: a meaningful test
+    u = noise(n, length, seed=7)
+    with torch.no_grad():
+        tokens, passes = decoding.jacobi(net, prefix.expand(n, -1, -1), u, decoding.Options())
+        sequential, _ = decoding.DECODERS["kv"](net, prefix.expand(n, -1, -1), u, decoding.Options())
+        accept_all = u.clone()
+        accept_all[:, 1] = 0.0  # every draft passes: no speculative sampling test
+        unchecked, _ = decoding.jacobi(net, prefix.expand(n, -1, -1), accept_all, decoding.Options())
+    assert chi_square(sequential, sequences, expected, vocab) < 55
+    assert chi_square(tokens, sequences, expected, vocab) < 55
+    assert chi_square(unchecked, sequences, expected, vocab) > 200
+    assert passes <= length
+
+
+def test_parallel_decoding_fills_every_position_exactly_once():
+    net = tiny_net(objective="masked", tokens=9, scale=3.0)
+    seen = []
+    forward = net.forward
+
+    def recording(prefix, tokens):
+        seen.append(tokens[:2].clone())  # the conditional rows
+        return forward(prefix, tokens)
+
+    net.forward = recording
+    options = decoding.Options(parallel_steps=4, cfg=2.0)
+    tokens, passes = decoding.parallel(net, net.prefix(torch.tensor([0, 2])), noise(2, 9), options)
+    assert passes == 4 and len(seen) == 4
+    assert (tokens != net.mask_token).all() and int(tokens.max()) < net.vocab_size
+    states = [*seen, tokens]
+    fixed = [(s != net.mask_token) for s in states]
+    assert int(fixed[0].sum()) == 0 and bool(fixed[-1].all())
+    for before, after, state_before, state_after in zip(fixed, fixed[1:], states, states[1:]):
+        assert bool((after >= before).all())  # a fixed token stays fixed...
+        assert torch.equal(state_after[before], state_before[before])  # ...with its value
+        assert int(after.sum()) > int(before.sum())  # and every step fixes at least one per row
+
+
+def test_decoding_options_are_checked():
+    net = tiny_net(objective="masked")
+    with pytest.raises(GenfastError, match="decode 'kv' does not fit this masked model; choose one of: parallel"):
+        from genfast.families.ar import check_decode
+
+        check_decode(net.objective, "kv")
+
+
+# --- training and sampling end to end ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_ar(tiny_vqvae, tmp_path_factory):
+    options = TrainOptions(out=tmp_path_factory.mktemp("ar"), data="fake", steps=30, progress=False,
+                           sample_every=1000, checkpoint_every=1000)
+    return train("ar", options, preset="tiny", pairs=[f"tokenizer={tiny_vqvae}"], conditional=True)
+
+
+def test_ar_checkpoint_samples_by_itself_with_every_causal_decoder(tiny_ar):
+    from genfast import checkpoint
+
+    ckpt = checkpoint.load(tiny_ar)
+    assert set(ckpt.modules) >= {"tokenizer", "gpt"} and ckpt.config["tokenizer_config"]
+    sampler = genfast.load(tiny_ar)
+    assert sampler.noise_shape == (3, 49) and sampler.info["model"] == "ar"
+    noise, labels = sampler.noise(6, 3), sampler.labels(6)
+    reference = sampler(noise, labels)
+    assert reference.shape == (6, 1, 28, 28) and reference.abs().max() <= 1
+    for decode in ("naive", "static"):
+        assert torch.allclose(with_decoding(sampler, decode)(noise, labels), reference, atol=1e-5), decode
+    jacobi = with_decoding(sampler, "jacobi")
+    assert jacobi(noise, labels).shape == reference.shape and jacobi.module.passes <= 49
+    with pytest.raises(GenfastError, match="decode 'parallel' does not fit this causal model"):
+        with_decoding(sampler, "parallel")
+
+
+def test_ar_needs_a_vqvae_tokenizer(tiny_gan, tmp_path):
+    options = TrainOptions(out=tmp_path / "ar", data="fake", steps=2, progress=False)
+    with pytest.raises(GenfastError, match="is a 'gan' checkpoint, not a vqvae"):
+        train("ar", options, preset="tiny", pairs=[f"tokenizer={tiny_gan}"])
+    with pytest.raises(GenfastError, match="ar trains on a VQ-VAE's tokens and found none"):
+        train("ar", options, preset="tiny")  # no shipped vqvae-fake
+
+
+def test_sample_and_bench_commands_take_decoding_strategies(tiny_ar, tmp_path, capsys):
+    from test_cli import run
+
+    status, out, err = run(capsys, "sample", tiny_ar, "-n", 4, "--decode", "jacobi", "--cfg", 2, "--out",
+                           tmp_path / "g.png", "-q")
+    assert status == 0 and "wrote a grid of 4 images" in out, err
+    status, _, err = run(capsys, "sample", tiny_ar, "--decode", "parallel", "--out", tmp_path / "p.png")
+    assert status == 1 and "decode 'parallel' does not fit this causal model" in err
+    status, _, err = run(capsys, "sample", tiny_ar, "--prompt", "a boot", "--out", tmp_path / "t.png")
+    assert status == 1 and "--prompt needs a text-conditioned ar model" in err
+    status, _, err = run(capsys, "sample", "gan-mnist", "--decode", "kv", "--out", tmp_path / "x.png")
+    assert status == 1 and "decode do(es) not apply to a gan model" in err and not (tmp_path / "x.png").exists()
+    status, out, err = run(capsys, "bench", tiny_ar, "--engines", "eager", "fused", "--decode", "naive", "kv",
+                           "jacobi", "--batch-sizes", 2, "--repeats", 2, "--json", tmp_path / "b.json", "-q")
+    assert status == 0, err
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [(r["engine"], r["decode"]) for r in rows] == [
+        ("eager", "naive"), ("eager", "kv"), ("eager", "jacobi"), ("fused", "naive"), ("fused", "kv"),
+        ("fused", "jacobi")]
+    naive, kv, jacobi = rows[:3]
+    assert naive["forward_passes_per_image"] == kv["forward_passes_per_image"] == 49
+    assert 1 <= jacobi["forward_passes_per_image"] <= 49
+    assert naive["speedup_vs_naive"] == 1.0 and kv["speedup_vs_naive"] == kv["images_per_s"] / naive["images_per_s"]
+    assert kv["max_abs_diff"] == 0.0  # eager against eager, the same strategy
+    assert rows[3]["status"].startswith("skipped: 'fused' needs a network run in one call")
+    assert "| eager | jacobi | 2 | ok |" in out
