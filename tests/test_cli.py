@@ -53,9 +53,12 @@ def test_models_lists_shipped_checkpoints_name_first(capsys):
     assert status == 0
     names = [line.split("\t")[0] for line in out.splitlines()]
     assert names == sorted(pretrained.shipped())
+    from genfast import checkpoint
+
     for line in out.splitlines():
         name, family, dataset = line.split("\t")[:3]
-        assert name.endswith(dataset) and name.split("-")[0] in (family, "c" + family)
+        header = checkpoint.read_header(pretrained.shipped()[name])
+        assert name == f"{header['extra']['model_name']}-{dataset}" and header["family"] == family
 
 
 def test_demo_writes_a_grid_per_shipped_model(tmp_path: Path, capsys):

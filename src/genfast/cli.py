@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from genfast import data, engines, images, memory, pretrained
 from genfast.devices import resolve_device
-from genfast.errors import GenfastError
+from genfast.errors import GenfastError, GenfastWarning
 from genfast.families import FAMILIES
 from genfast.families.base import MAX_SEED
 
@@ -129,7 +130,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
                              condition=condition)
         nrow = sampler.num_classes if sampler.conditional and class_index is None and condition is None \
             and args.n % sampler.num_classes == 0 else None
-        what = f"{args.n} images" + (f" of '{args.prompt}'" if condition is not None else "")
+        shown = args.prompt if args.prompt is None or len(args.prompt) <= 60 else args.prompt[:57] + "..."
+        what = f"{args.n} images" + (f" of '{shown}'" if condition is not None else "")
     images.save_grid(grid, out, nrow=nrow)
     print(f"wrote a grid of {what} to {out}")
 
@@ -231,10 +233,17 @@ def cmd_models(args: argparse.Namespace) -> None:
     for name, path in pretrained.shipped().items():
         header = checkpoint.read_header(path)
         size_mb = path.stat().st_size / 1e6
-        classes = f"{header['config']['num_classes']} classes" if header["config"].get("conditional") \
-            else "unconditional"
-        if "test" in header["extra"]:  # a classifier: its held-out accuracy is what matters
-            classes += f", test accuracy {header['extra']['test']['accuracy']:.4f}"
+        config, test = header["config"], header["extra"].get("test", {})
+        if config.get("text"):
+            classes = "text prompts"
+        elif header["family"] == "vqvae":
+            classes = f"tokenizer, {config['codebook_size']} codes"
+        else:
+            classes = f"{config['num_classes']} classes" if config.get("conditional") else "unconditional"
+        if "accuracy" in test:  # a classifier: its held-out accuracy is what matters
+            classes += f", test accuracy {test['accuracy']:.4f}"
+        if "psnr_db" in test:  # a tokenizer: how well it reconstructs held-out images
+            classes += f", test PSNR {test['psnr_db']:.1f} dB, {test['codebook_usage']:.0%} of codes used"
         print(f"{name}\t{header['family']}\t{header['dataset']['name']}\t{classes}\tstep {header['step']}"
               f"\t{size_mb:.1f} MB")
 
@@ -403,6 +412,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings() -> None:
+    """genfast's own warnings as one line on stderr, like its errors; others as Python prints them."""
+    show = warnings.showwarning
+    if getattr(show, "genfast", False):
+        return
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, GenfastWarning):
+            print(f"genfast: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    showwarning.genfast = True
+    warnings.showwarning = showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -411,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(overrides) != len(extra) or (overrides and args.command != "train"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = overrides
+    _one_line_warnings()
     memory.reuse_freed_memory()  # every command allocates the same large tensors over and over: memory.py
     try:
         args.run(args)

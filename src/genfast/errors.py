@@ -7,3 +7,8 @@ traceback; anything else that escapes is a bug and keeps its traceback.
 
 class GenfastError(Exception):
     """A user-facing error: the message says what was wrong and what to do."""
+
+
+class GenfastWarning(UserWarning):
+    """Something the user should know that does not stop the work (a prompt cut short);
+    the CLI prints it as one line."""

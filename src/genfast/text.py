@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from genfast.errors import GenfastError
+from genfast.errors import GenfastError, GenfastWarning
 
 EMBEDDING_DIM = 384
 MAX_WORD_PIECES = 128  # longer prompts are cut here (MiniLM was trained on at most 128 word pieces)
@@ -78,13 +78,13 @@ class TextEncoder:
         self.model = transformers.AutoModel.from_pretrained(folder).eval().to(device)
         self.device = torch.device(device)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the embeddings may feed a trained layer later
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         batch = self.tokenizer(prompts, padding=True, return_tensors="pt")
         if batch["input_ids"].shape[1] > MAX_WORD_PIECES:
             long = sum(int(n) > MAX_WORD_PIECES for n in batch["attention_mask"].sum(1))
             warnings.warn(f"{long} prompt(s) longer than {MAX_WORD_PIECES} word pieces were cut to that length",
-                          stacklevel=2)
+                          GenfastWarning, stacklevel=2)
             batch = self.tokenizer(prompts, padding=True, truncation=True, max_length=MAX_WORD_PIECES,
                                    return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items()}

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from genfast.engines.compiled import Bucketed
-from genfast.engines.cudagraph import cuda_graphed
+from genfast.engines.cudagraph import GraphedStep, GraphReplay, require_cuda
 from genfast.engines.fusion import fold_batchnorm, fastest_layout
 from genfast.engines.onnx import int8_runtime, onnx_runtime
 from genfast.engines.precision import reduced
@@ -54,9 +54,32 @@ def fused(sampler: Sampler) -> Sampler:
 
 def compiled(sampler: Sampler) -> Sampler:
     """torch.compile with batch sizes bucketed (compiled.py); a later engine (cudagraph)
-    wraps the compiled module."""
-    bucketed = Bucketed(sampler.module)
+    wraps the compiled module. For ar, what has fixed shapes is compiled: the static
+    decoder's step, or the full-sequence pass of jacobi and parallel (naive and kv grow
+    their inputs every step, and would recompile at every one)."""
+    generator = sampler.module
+    if hasattr(generator, "with_step_wrap"):
+        if generator.decode == "static":
+            return rewrap(sampler, generator.with_step_wrap(lambda step: torch.compile(step, dynamic=False)))
+        if generator.decode in ("jacobi", "parallel"):
+            return rewrap(sampler, generator.with_compiled_net(torch.compile(generator.net, dynamic=False)))
+        raise EngineUnavailable(f"'compile' needs fixed shapes: --decode static, jacobi or parallel "
+                                f"({generator.decode} grows its inputs every step)")
+    bucketed = Bucketed(generator)
     return rewrap(sampler, bucketed.run, bucketed)
+
+
+def cudagraph(sampler: Sampler) -> Sampler:
+    """Replays recorded graphs, not the module: nothing can wrap it after this. For ar, the
+    static decoder's step is what is recorded."""
+    require_cuda(sampler.device)
+    generator = sampler.module
+    if hasattr(generator, "with_step_wrap"):
+        if generator.decode != "static":
+            raise EngineUnavailable("'cudagraph' records the static decoder's fixed-shape step: use --decode static")
+        return rewrap(sampler, generator.with_step_wrap(
+            lambda step: GraphedStep(step, step.cache.keys.shape[1], sampler.device)))
+    return rewrap(sampler, None, GraphReplay(generator.eval(), sampler.conditional))
 
 
 ENGINES: dict[str, Callable[[Sampler], Sampler]] = {
@@ -65,8 +88,7 @@ ENGINES: dict[str, Callable[[Sampler], Sampler]] = {
     "bf16": lambda sampler: rewrap(sampler, reduced(sampler, torch.bfloat16)),
     "fp16": lambda sampler: rewrap(sampler, reduced(sampler, torch.float16)),
     "compile": compiled,
-    # Replays recorded graphs, not the module: nothing can wrap it after this.
-    "cudagraph": lambda sampler: rewrap(sampler, None, cuda_graphed(sampler.module, sampler.conditional)),
+    "cudagraph": cudagraph,
     "onnx": lambda sampler: rewrap(sampler, None, onnx_runtime(sampler)),
     "int8": lambda sampler: rewrap(sampler, None, int8_runtime(sampler)),
 }
@@ -74,7 +96,7 @@ ENGINES: dict[str, Callable[[Sampler], Sampler]] = {
 
 # Engines that trace, export or record the network as one call; a sampler that decodes in
 # a loop of data-dependent length (ar) takes its speed-ups from its decoding strategy.
-ONE_CALL = ("fused", "compile", "cudagraph", "onnx", "int8")
+ONE_CALL = ("fused", "onnx", "int8")
 
 
 def apply(sampler: Sampler, engine: str) -> Sampler:
@@ -85,7 +107,7 @@ def apply(sampler: Sampler, engine: str) -> Sampler:
             raise GenfastError(f"unknown engine '{name}'; choose one of: {', '.join(ENGINES)} (or join them with +)")
         if name in ONE_CALL and not getattr(sampler.module, "one_call", True):
             raise EngineUnavailable(f"'{name}' needs a network run in one call; this model decodes token by token "
-                                    "(its speed-ups are --decode kv, static, jacobi, parallel)")
+                                    "(its speed-ups: --decode kv, static, jacobi, parallel; compile the static step)")
     for previous, name in zip([None, *steps], steps):
         if sampler.module is None and name != "eager":
             if previous is None:

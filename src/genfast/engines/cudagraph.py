@@ -78,9 +78,31 @@ class GraphReplay:
         return output[:n].clone()
 
 
-def cuda_graphed(module: nn.Module, conditional: bool) -> GraphReplay:
-    if next(module.parameters()).device.type != "cuda":
+class GraphedStep:
+    """A fixed-shape decode step, (tokens (B, 1), position (1,)) -> logits, replayed from
+    one recorded graph (the ar family's static decoder). Recorded on the first call, with
+    that call's inputs already in the static buffers, so the recording's warm-up runs write
+    into the cache exactly what the call itself writes."""
+
+    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: int, device,
+                 recorder: Recorder | None = None):
+        self.step, self.recorder = step, recorder or record_cuda_graph
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.replay = self.output = None
+
+    def __call__(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.position.copy_(position)
+        if self.replay is None:
+            self.replay, self.output = self.recorder(lambda: self.step(self.tokens, self.position))
+        self.replay()
+        return self.output.clone()
+
+
+def require_cuda(device: torch.device) -> None:
+    if device.type != "cuda":
         from genfast.engines import EngineUnavailable
 
         raise EngineUnavailable("cudagraph needs a CUDA device (load the model with --device cuda)")
-    return GraphReplay(module.eval(), conditional)
+

@@ -26,7 +26,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -120,19 +120,40 @@ class DynamicCache:
         return k, v, torch.arange(k.shape[2], device=k.device)[None] <= positions[:, None]
 
 
-class StaticCache:
+class StaticCache(nn.Module):
     """Keys and values in buffers of the full sequence length, written in place at the
-    step's positions; attention covers all slots through a mask (`static`)."""
+    step's positions; attention covers all slots through a mask (`static`). Buffers, so
+    that a compiled or graph-captured step sees the same tensors on every call."""
 
     def __init__(self, layers: int, batch: int, heads: int, length: int, head_dim: int, device, dtype):
-        self.keys = torch.zeros(layers, batch, heads, length, head_dim, device=device, dtype=dtype)
-        self.values = torch.zeros_like(self.keys)
-        self.slots = torch.arange(length, device=device)
+        super().__init__()
+        shape = (layers, batch, heads, length, head_dim)
+        self.register_buffer("keys", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("values", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("slots", torch.arange(length, device=device), persistent=False)
 
     def update(self, layer, k, v, positions):
         self.keys[layer].index_copy_(2, positions, k)
         self.values[layer].index_copy_(2, positions, v)
         return self.keys[layer], self.values[layer], self.slots[None] <= positions[:, None]
+
+
+class Step(nn.Module):
+    """One decoding step over a cache: the prefix in one pass (`prefill`), then
+    (tokens (B, 1), position (1,)) -> logits (B, V) a token at a time. Over a
+    StaticCache every token step has the same shapes, so `compile` and `cudagraph` can
+    wrap it (the LlamaGen / gpt-fast recipe); its cache is reused across calls without
+    clearing, since a slot is read only after the call has written it."""
+
+    def __init__(self, net: "ARNet", cache: DynamicCache | StaticCache):
+        super().__init__()
+        self.net, self.cache = net, cache
+
+    def prefill(self, prefix: torch.Tensor) -> torch.Tensor:
+        return self.net.step(prefix, self.cache, torch.arange(prefix.shape[1], device=prefix.device))[:, -1]
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return self.net.step(self.net.wte(tokens), self.cache, position)[:, -1]
 
 
 class ARNet(nn.Module):
@@ -203,44 +224,79 @@ class ARNet(nn.Module):
             x = block(x)
         return self.head(self.ln_f(x))
 
-    def step(self, prefix: torch.Tensor | None, tokens: torch.Tensor | None, cache, start: int) -> torch.Tensor:
-        """Logits of the new positions (prefix or tokens, from position `start`), reading
-        and extending `cache`."""
-        x = prefix if tokens is None else self.wte(tokens)
-        positions = torch.arange(start, start + x.shape[1], device=x.device)
+    def step(self, x: torch.Tensor, cache, positions: torch.Tensor) -> torch.Tensor:
+        """Logits of new positions (embeddings x at `positions`), reading and extending `cache`."""
         x = x + self.wpe(positions)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer, positions)
         return self.head(self.ln_f(x))
 
-    def dynamic_cache(self) -> DynamicCache:
-        return DynamicCache()
+    def dynamic_step(self) -> Step:
+        return Step(self, DynamicCache())
 
-    def static_cache(self, batch: int, device) -> StaticCache:
-        return StaticCache(self.layers, batch, self.heads, self.prefix_tokens + self.sequence_length,
-                           self.width // self.heads, device, self.null.dtype)
+    def static_step(self, batch: int, device) -> Step:
+        return Step(self, StaticCache(self.layers, batch, self.heads, self.prefix_tokens + self.sequence_length,
+                                      self.width // self.heads, device, self.null.dtype))
 
 
 class ARGenerator(nn.Module):
     """What an `ar` sampler runs: noise (B, 3, T) and a condition -> pixels, through a
     decoding strategy and the tokenizer's decoder. `passes` is the last call's count of
-    forward passes (per image: every row of the batch takes them together)."""
+    forward passes (per image: every row of the batch takes them together).
+
+    The compile and cudagraph engines set `step_wrap`, which wraps the static decoder's
+    fixed-shape step (one wrapped step is kept per batch size, so compiling or recording
+    happens once per size, and its cache buffers are reused), or `compiled_net`, the
+    transformer compiled for the full-sequence passes of jacobi and parallel."""
 
     one_call = False  # a loop of data-dependent length: engines that trace one call do not apply
 
-    def __init__(self, tokenizer: VQVAENet, net: ARNet, decode: str, options: decoding.Options):
+    def __init__(self, tokenizer: VQVAENet, net: ARNet, decode: str, options: decoding.Options,
+                 step_wrap: Callable[[Step], Callable] | None = None, compiled_net: nn.Module | None = None):
         super().__init__()
         self.tokenizer, self.net = tokenizer, net
         self.decode, self.options, self.passes = decode, options, 0
+        self.step_wrap, self.steps = step_wrap, {}
+        self.compiled_net = compiled_net
+
+    def with_step_wrap(self, wrap: Callable[[Step], Callable]) -> "ARGenerator":
+        """The same model and options, its static decoder's step run through `wrap`."""
+        return ARGenerator(self.tokenizer, self.net, self.decode, self.options, step_wrap=wrap)
+
+    def with_compiled_net(self, compiled: nn.Module) -> "ARGenerator":
+        """The same model and options, full-sequence passes through `compiled` (which
+        forwards attribute access to the net, as torch.compile's wrapper does)."""
+        return ARGenerator(self.tokenizer, self.net, self.decode, self.options, compiled_net=compiled)
+
+    def static_step(self, rows: int):
+        if rows not in self.steps:
+            step = self.net.static_step(rows, self.net.null.device)
+            self.steps[rows] = _Wrapped(step, self.step_wrap(step)) if self.step_wrap else step
+        return self.steps[rows]
 
     def tokens(self, noise: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         uniforms = torch.special.ndtr(noise.float())  # Gaussian noise -> uniforms, one set per position
         prefix = self.net.prefix(condition) if condition is not None else self.net.null_prefix(len(noise))
-        tokens, self.passes = decoding.DECODERS[self.decode](self.net, prefix, uniforms, self.options)
+        net = self.net if self.compiled_net is None else self.compiled_net
+        tokens, self.passes = decoding.DECODERS[self.decode](net, prefix, uniforms, self.options, self.static_step)
         return tokens
 
     def forward(self, noise: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         return self.tokenizer.decode(self.tokens(noise, condition))
+
+
+class _Wrapped:
+    """A static step whose token steps run through an engine's wrapper; the prefill (one
+    pass of another shape) runs as it is, on the same cache."""
+
+    def __init__(self, step: Step, run: Callable):
+        self.step, self.run = step, run
+
+    def prefill(self, prefix: torch.Tensor) -> torch.Tensor:
+        return self.step.prefill(prefix)
+
+    def __call__(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return self.run(tokens, position)
 
 
 def tokenizer_config(config: ARConfig) -> VQVAEConfig:

@@ -82,7 +82,7 @@ class Decoder:
         return guided_probs(logits, self.options, self.guided)
 
 
-def naive(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
+def naive(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options, static_step=None) -> tuple[torch.Tensor, int]:
     d = Decoder(net, prefix, options)
     tokens = torch.zeros(d.batch, 0, dtype=torch.long, device=prefix.device)
     for i in range(d.length):
@@ -91,21 +91,32 @@ def naive(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> t
     return tokens, d.passes
 
 
-def _cached(cache_class):
-    def decode(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
-        d = Decoder(net, prefix, options)
-        cache = cache_class(net, len(d.prefix), prefix.device)
-        logits = net.step(d.prefix, None, cache, 0)[:, -1]  # the prefix in one pass (prefill)
-        tokens = []
-        for i in range(d.length):
-            tokens.append(draw(d.probs(logits), noise[:, 0, i]))
-            if i + 1 < d.length:
-                logits = net.step(None, d.rows(tokens[-1][:, None]), cache, net.prefix_tokens + i)[:, -1]
-        return torch.stack(tokens, 1), d.passes
-    return decode
+def _cached(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options, stepper) -> tuple[torch.Tensor, int]:
+    """The loop of `kv` and `static`: the prefix in one pass (prefill), then one token a pass."""
+    d = Decoder(net, prefix, options)
+    logits = stepper.prefill(d.prefix)
+    positions = torch.arange(net.prefix_tokens, net.prefix_tokens + d.length, device=prefix.device)
+    tokens = []
+    for i in range(d.length):
+        tokens.append(draw(d.probs(logits), noise[:, 0, i]))
+        if i + 1 < d.length:
+            logits = stepper(d.rows(tokens[-1][:, None]), positions[i:i + 1])
+    return torch.stack(tokens, 1), d.passes
 
 
-def jacobi(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
+def kv(net, prefix, noise, options, static_step=None):
+    return _cached(net, prefix, noise, options, net.dynamic_step())
+
+
+def static(net, prefix, noise, options, static_step=None):
+    """`static_step(rows)` gives the (possibly compiled or graph-captured) step for a batch
+    of `rows`; by default a plain one over a StaticCache."""
+    rows = len(prefix) * (2 if options.cfg != 1.0 else 1)
+    step = static_step(rows) if static_step else net.static_step(rows, prefix.device)
+    return _cached(net, prefix, noise, options, step)
+
+
+def jacobi(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options, static_step=None) -> tuple[torch.Tensor, int]:
     """Speculative Jacobi decoding. Each pass runs the whole draft sequence; per row,
     drafts from the first unaccepted position on are tested left to right (at most
     `jacobi_window`): draft x ~ q is kept with probability min(1, p(x)/q(x)); the first
@@ -142,7 +153,7 @@ def jacobi(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> 
     return drafts, d.passes
 
 
-def parallel(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
+def parallel(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options, static_step=None) -> tuple[torch.Tensor, int]:
     """MaskGIT decoding: every step predicts all masked tokens at once and fixes the most
     confident, leaving T * cos(pi/2 * step/steps) masked; confidence is the token's log
     probability plus Gumbel noise annealed to zero (Chang et al.'s choice-temperature)."""
@@ -170,14 +181,5 @@ def parallel(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -
     return tokens, d.passes
 
 
-def _static_cache(net, batch, device):
-    return net.static_cache(batch, device)
-
-
-def _dynamic_cache(net, batch, device):
-    return net.dynamic_cache()
-
-
-DECODERS = {"naive": naive, "kv": _cached(_dynamic_cache), "static": _cached(_static_cache), "jacobi": jacobi,
-            "parallel": parallel}
+DECODERS = {"naive": naive, "kv": kv, "static": static, "jacobi": jacobi, "parallel": parallel}
 CAUSAL = ("naive", "kv", "static", "jacobi")
