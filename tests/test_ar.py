@@ -127,12 +127,14 @@ def test_jacobi_reproduces_the_sequential_distribution():
     u = noise(n, length, seed=7)
     with torch.no_grad():
         tokens, passes = decoding.jacobi(net, prefix.expand(n, -1, -1), u, decoding.Options())
+        narrow, _ = decoding.jacobi(net, prefix.expand(n, -1, -1), u, decoding.Options(jacobi_window=2))
         sequential, _ = decoding.DECODERS["kv"](net, prefix.expand(n, -1, -1), u, decoding.Options())
         accept_all = u.clone()
         accept_all[:, 1] = 0.0  # every draft passes: no speculative sampling test
         unchecked, _ = decoding.jacobi(net, prefix.expand(n, -1, -1), accept_all, decoding.Options())
     assert chi_square(sequential, sequences, expected, vocab) < 55
     assert chi_square(tokens, sequences, expected, vocab) < 55
+    assert chi_square(narrow, sequences, expected, vocab) < 55  # a window shorter than the sequence
     assert chi_square(unchecked, sequences, expected, vocab) > 200
     assert passes <= length
 
@@ -377,3 +379,15 @@ def test_cudagraph_static_decoding_matches_eager_on_cuda(tiny_ar):
     fast = engines.apply(sampler, "cudagraph")
     assert torch.equal(fast.module.tokens(noise.cuda(), labels.cuda()), sampler.module.tokens(noise.cuda(),
                                                                                                   labels.cuda()))
+
+
+def test_eval_of_a_tokenizer_judges_its_round_trips(tiny_vqvae, tiny_classifier, tmp_path, capsys):
+    from test_cli import run
+
+    status, out, err = run(capsys, "eval", tiny_vqvae, "--classifier", tiny_classifier, "--json", tmp_path / "e.json",
+                           "-q")
+    assert status == 0, err
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["n"] == 160 and result["fid"] > 0 and 0 < result["codebook_usage"] <= 1
+    assert result["psnr_db"] == pytest.approx(10 * math.log10(4 / result["reconstruction_mse"]))
+    assert "round trips of the 160 test images of fake" in out

@@ -164,10 +164,13 @@ def _reconstructions(args: argparse.Namespace) -> torch.Tensor:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from genfast import metrics
+    from genfast import checkpoint, metrics
 
     if args.json:  # fail before minutes of work, not after
         images.writable_target(args.json)
+    if checkpoint.read_header(pretrained.resolve(args.model))["family"] == "vqvae":
+        _eval_tokenizer(args)
+        return
     sampler = engines.apply(pretrained.load(args.model, device=args.device, decode=args.decode, cfg=args.cfg),
                             args.engine)
     result = metrics.evaluate(sampler, n=args.n, seed=args.seed, batch_size=args.batch_size,
@@ -188,6 +191,24 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for kind, scores in result.get("prompt_accuracy", {}).items():
         print(f"prompt accuracy, {kind.replace('_', ' ')}: {scores['accuracy']:.4f} "
               f"({len(scores['per_prompt'])} prompts x {args.per_prompt} images)")
+    if args.json:
+        from genfast.fileio import write_bytes
+
+        write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
+
+
+def _eval_tokenizer(args: argparse.Namespace) -> None:
+    """A VQ-VAE makes no images of its own: judge its round trips of the test split."""
+    from genfast import metrics
+
+    result = metrics.evaluate_reconstructions(args.model, args.batch_size, args.seed, args.classifier, args.device,
+                                              progress=not args.quiet)
+    print(f"{args.model}: round trips of the {result['n']} test images of {result['dataset']}, judged by "
+          f"{result['classifier']}")
+    print(f"FID {result['fid']:.3f} ± {result['fid_std']:.3f} (real train vs test: {result['real_fid']:.3f}), "
+          f"KID {result['kid']:.4f}, PSNR {result['psnr_db']:.2f} dB, {result['codebook_usage']:.1%} of the codebook "
+          f"used, perplexity {result['perplexity']:.1f}")
     if args.json:
         from genfast.fileio import write_bytes
 

@@ -226,3 +226,28 @@ def prompt_accuracy(sampler: Sampler, per_prompt: int = 50, seed: int = 0, class
         if prompts:
             result[kind] = {"accuracy": correct / (per_prompt * len(prompts)), "per_prompt": per_prompt_accuracy}
     return result
+
+
+def evaluate_reconstructions(name_or_path: str, batch_size: int = 500, seed: int = 0, classifier: str | None = None,
+                             device: str = "cpu", progress: bool = True) -> dict:
+    """For a tokenizer (vqvae): FID and KID of the test split's round trips against the test
+    split itself, beside real training images against it (the scale), and the family's
+    own held-out scores (reconstruction error, PSNR, codebook usage and perplexity)."""
+    ckpt = checkpoint.load(pretrained.resolve(name_or_path))
+    family, config, modules = pretrained.load_modules(ckpt, resolve_device(device))
+    if not hasattr(family, "reconstruct"):
+        raise GenfastError(f"{name_or_path} is a {family.name}, which has no encoder to reconstruct with")
+    dataset = ckpt.dataset["name"]
+    judge = load_judge(dataset, classifier, device, tuple(ckpt.dataset["image_shape"]))
+    test, train = data.load(dataset, "test"), data.load(dataset, "train")
+    originals = images.to_float(test.images)
+    real_test, _ = judge.embed(_batches(test.images, batch_size), len(test), "features: test split", progress)
+    rebuilt = (family.reconstruct(modules, config, originals[i:i + batch_size], test.labels[i:i + batch_size]
+                                  if test.labels is not None else None) for i in range(0, len(test), batch_size))
+    fake, _ = judge.embed(rebuilt, len(test), "features: reconstructions", progress)
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:len(test)]
+    real_train, _ = judge.embed(_batches(train.images[pick], batch_size), len(pick), "features: train split", progress)
+    scores, baseline = fid_kid(real_test, fake, seed), fid_kid(real_test, real_train, seed)
+    return {"model": str(name_or_path), "dataset": dataset, "classifier": judge.name, "n": len(test),
+            **scores, "fid_std": bootstrap_fid_std(real_test, fake, seed), "real_fid": baseline["fid"],
+            "real_kid": baseline["kid"]} | family.evaluate(modules, config, originals, test.labels)
