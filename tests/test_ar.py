@@ -347,6 +347,8 @@ def test_compile_wraps_the_static_step_and_keeps_the_tokens(tiny_ar):
     assert torch.equal(fast_jacobi.module.tokens(noise, labels), jacobi.module.tokens(noise, labels))
     with pytest.raises(engines.EngineUnavailable, match="'fused' needs a network run in one call"):
         engines.apply(sampler, "fused")
+    with pytest.raises(engines.EngineUnavailable, match="put compile first"):  # bf16 keeps the loop a loop
+        engines.apply(sampler, "bf16+compile")
 
 
 def test_graphed_step_records_once_and_replays_into_the_same_cache(tiny_ar):

@@ -65,6 +65,8 @@ def compiled(sampler: Sampler) -> Sampler:
             return rewrap(sampler, generator.with_compiled_net(torch.compile(generator.net, dynamic=False)))
         raise EngineUnavailable(f"'compile' needs fixed shapes: --decode static, jacobi or parallel "
                                 f"({generator.decode} grows its inputs every step)")
+    if not getattr(generator, "one_call", True):
+        raise EngineUnavailable("for a model that decodes token by token, put compile first (compile+bf16)")
     bucketed = Bucketed(generator)
     return rewrap(sampler, bucketed.run, bucketed)
 
@@ -74,6 +76,8 @@ def cudagraph(sampler: Sampler) -> Sampler:
     static decoder's step is what is recorded."""
     require_cuda(sampler.device)
     generator = sampler.module
+    if not getattr(generator, "one_call", True) and not hasattr(generator, "with_step_wrap"):
+        raise EngineUnavailable("for a model that decodes token by token, put cudagraph first")
     if hasattr(generator, "with_step_wrap"):
         if generator.decode != "static":
             raise EngineUnavailable("'cudagraph' records the static decoder's fixed-shape step: use --decode static")

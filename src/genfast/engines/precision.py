@@ -19,6 +19,10 @@ class Reduced(nn.Module):
         self.inner = inner.to(dtype)
         self.dtype = dtype
 
+    @property
+    def one_call(self) -> bool:  # an ar generator's loop stays a loop in bf16
+        return getattr(self.inner, "one_call", True)
+
     def forward(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.inner(noise.to(self.dtype), labels).float()
 
