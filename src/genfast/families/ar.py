@@ -259,6 +259,11 @@ class ARGenerator(nn.Module):
         self.step_wrap, self.steps = step_wrap, {}
         self.compiled_net = compiled_net
 
+    def __getstate__(self):
+        # The per-batch steps are a cache (of compiled code and cache buffers): a copy
+        # (bf16's deepcopy) starts without them and builds its own.
+        return self.__dict__ | {"steps": {}}
+
     def with_step_wrap(self, wrap: Callable[[Step], Callable]) -> "ARGenerator":
         """The same model and options, its static decoder's step run through `wrap`."""
         return ARGenerator(self.tokenizer, self.net, self.decode, self.options, step_wrap=wrap)
