@@ -158,12 +158,12 @@ def markdown(rows: list[Row]) -> str:
              "| --- | " + ("--- | " if decoding else "") + "---: | --- | ---: | ---: | ---: | ---: | ---: | "
              + ("---: | ---: | " if decoding else "") + "---: | ---: | ---: |"]
     for r in rows:
-        ar_columns = (f"{fmt(r.forward_passes_per_image, 'd')} | {fmt(r.speedup_vs_naive, '.2f')} | "
-                      if decoding else "")
-        lines.append(f"| {r.engine} | " + (f"{r.decode} | " if decoding else "") + f"{r.batch_size} | {r.status} | "
-                     f"{fmt(r.one_off_s, '.2f')} | "
-                     f"{fmt(r.median_ms, '.3f')} | {fmt(r.p90_ms, '.3f')} | {fmt(r.images_per_s, ',.0f')} | "
-                     f"{fmt(r.speedup_vs_eager, '.2f')}{'x' if r.speedup_vs_eager else ''} | {ar_columns}{fmt(r.peak_memory_mb, '.1f')} | {fmt(r.max_abs_diff, '.1e')} | {fmt(r.fid, '.3f')} |")
+        cells = [r.engine, *([r.decode] if decoding else []), str(r.batch_size), r.status, fmt(r.one_off_s, ".2f"),
+                 fmt(r.median_ms, ".3f"), fmt(r.p90_ms, ".3f"), fmt(r.images_per_s, ",.0f"),
+                 fmt(r.speedup_vs_eager, ".2f") + ("x" if r.speedup_vs_eager else ""),
+                 *([fmt(r.forward_passes_per_image, "d"), fmt(r.speedup_vs_naive, ".2f")] if decoding else []),
+                 fmt(r.peak_memory_mb, ".1f"), fmt(r.max_abs_diff, ".1e"), fmt(r.fid, ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -17,6 +17,9 @@ image tokens, and counts its forward passes (what a speed-up must cut):
               fill masked tokens fixes the most confident ones each step, on a cosine
               schedule, in a fixed number of steps. Needs the `masked` objective.
 
+Every strategy takes the same arguments (net, prefix, noise, options, static_step);
+`static_step`, the ar generator's cache of per-batch static steps, matters to `static` only.
+
 Noise: three uniforms per token position, `u` (draws by inverse CDF), `r` (the Jacobi
 acceptance test; MaskGIT's confidence noise) and `v` (Jacobi's draw from the residual
 distribution after a rejection). Sequential decoders use `u` alone, so `naive`, `kv`
@@ -69,7 +72,7 @@ class Decoder:
     guidance), the sequence length and the passes counter."""
 
     def __init__(self, net, prefix: torch.Tensor, options: Options):
-        self.net, self.options = net, options
+        self.options = options
         self.guided = options.cfg != 1.0
         self.prefix = torch.cat([prefix, net.null_prefix(len(prefix))]) if self.guided else prefix
         self.batch, self.length, self.passes = len(prefix), net.sequence_length, 0
@@ -82,7 +85,8 @@ class Decoder:
         return guided_probs(logits, self.options, self.guided)
 
 
-def naive(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options, static_step=None) -> tuple[torch.Tensor, int]:
+def naive(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options,
+          static_step=None) -> tuple[torch.Tensor, int]:
     d = Decoder(net, prefix, options)
     tokens = torch.zeros(d.batch, 0, dtype=torch.long, device=prefix.device)
     for i in range(d.length):
@@ -116,7 +120,8 @@ def static(net, prefix, noise, options, static_step=None):
     return _cached(net, prefix, noise, options, step)
 
 
-def jacobi(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options, static_step=None) -> tuple[torch.Tensor, int]:
+def jacobi(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options,
+           static_step=None) -> tuple[torch.Tensor, int]:
     """Speculative Jacobi decoding. Each pass runs the whole draft sequence; per row,
     drafts from the first unaccepted position on are tested left to right (at most
     `jacobi_window`): draft x ~ q is kept with probability min(1, p(x)/q(x)); the first
@@ -153,7 +158,8 @@ def jacobi(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options, sta
     return drafts, d.passes
 
 
-def parallel(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options, static_step=None) -> tuple[torch.Tensor, int]:
+def parallel(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options,
+             static_step=None) -> tuple[torch.Tensor, int]:
     """MaskGIT decoding: every step predicts all masked tokens at once and fixes the most
     confident, leaving T * cos(pi/2 * step/steps) masked; confidence is the token's log
     probability plus Gumbel noise annealed to zero (Chang et al.'s choice-temperature)."""
