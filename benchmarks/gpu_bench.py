@@ -16,7 +16,6 @@ short still reports what it measured.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -70,6 +69,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     name_of_device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     report = [f"# gpu_bench: {name_of_device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", ""]
+
+    def publish(model: str, rows: list, lines: list[str]) -> None:
+        """Print a model's tables and write them at once: a run cut short keeps what it measured."""
+        print("\n".join(lines), flush=True)
+        report.extend(lines + [""])
+        bench.write_json(rows, args.out / f"{model}.json")
+        (args.out / "gpu_bench.md").write_text("\n".join(report) + "\n")
+
     for model in MODELS:
         sampler = genfast.load(model, device=args.device)
         flops = flops_per_image(sampler)
@@ -82,10 +89,7 @@ def main() -> None:
             if r.images_per_s:
                 lines.append(f"| {r.engine} | {r.batch_size} | {r.images_per_s:,.0f} | {1000 * r.median_ms:,.1f} | "
                              f"{r.images_per_s * flops / H200_BF16_FLOPS:.2%} |")
-        print("\n".join(lines), flush=True)
-        report += lines + [""]
-        (args.out / f"{model}.json").write_text(json.dumps([vars(r) for r in rows], indent=2) + "\n")
-        (args.out / "gpu_bench.md").write_text("\n".join(report) + "\n")
+        publish(model, rows, lines)
     # The token transformers: decoding strategies x step engines (issue 5's GPU table).
     for model, engines, decodes in AR_RUNS:
         if model not in genfast.shipped():
@@ -93,11 +97,7 @@ def main() -> None:
         started = time.perf_counter()
         rows = bench.measure(genfast.load(model, device=args.device), engines, [1, 64] if args.quick else AR_BATCHES,
                              repeats=min(repeats, 10), progress=False, decodes=decodes)
-        lines = [f"## {model} ({time.perf_counter() - started:.0f} s)", "", bench.markdown(rows), ""]
-        print("\n".join(lines), flush=True)
-        report += lines
-        (args.out / f"{model}.json").write_text(json.dumps([vars(r) for r in rows], indent=2) + "\n")
-        (args.out / "gpu_bench.md").write_text("\n".join(report) + "\n")
+        publish(model, rows, [f"## {model} ({time.perf_counter() - started:.0f} s)", "", bench.markdown(rows)])
 
 
 if __name__ == "__main__":

@@ -95,20 +95,20 @@ def measure(sampler: Sampler, engine_names: list[str], batch_sizes: list[int], r
         raise GenfastError("--decode applies to ar models, which decode token by token; this one makes an image "
                            "in one call")
     device = sampler.device
-    variants = [(name, decode) for name in engine_names for decode in (decodes or [None])]
+    # The eager reference of each strategy (the sampler itself when there is none).
+    references = {decode: sampler if decode is None else with_decoding(sampler, decode) for decode in decodes or [None]}
+    variants = [(name, decode) for name in engine_names for decode in references]
     ready: dict[tuple[str, str | None], tuple[Sampler, float]] = {}  # -> (its sampler, seconds to wrap)
     rows: dict[tuple[str, str | None, int], Row] = {}
     for name, decode in variants:
-        base = sampler if decode is None else with_decoding(sampler, decode)
         try:
             start = time.perf_counter()
-            ready[name, decode] = (engines.apply(base, name), time.perf_counter() - start)
+            ready[name, decode] = (engines.apply(references[decode], name), time.perf_counter() - start)
         except engines.EngineUnavailable as e:  # a row, not a crash; an unknown name is still an error
             rows.update({(name, decode, b): Row(name, b, decode, status=f"skipped: {e}") for b in batch_sizes})
     for batch in batch_sizes:
         noise, labels = sampler.noise(batch, seed), sampler.labels(batch)
-        expected = {decode: (sampler if decode is None else with_decoding(sampler, decode))(noise, labels).float().cpu()
-                    for decode in (decodes or [None])}
+        expected = {decode: reference(noise, labels).float().cpu() for decode, reference in references.items()}
         for (name, decode), (fast, wrap_s) in ready.items():
             start = time.perf_counter()
             out = fast(noise, labels).float().cpu()

@@ -17,7 +17,7 @@ import torch
 from genfast import data, engines, images, memory, pretrained
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError, GenfastWarning
-from genfast.families import FAMILIES
+from genfast.families import FAMILIES, get_family
 from genfast.families.base import MAX_SEED
 
 
@@ -168,7 +168,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.json:  # fail before minutes of work, not after
         images.writable_target(args.json)
-    if checkpoint.read_header(pretrained.resolve(args.model))["family"] == "vqvae":
+    family = get_family(checkpoint.read_header(pretrained.resolve(args.model))["family"])
+    if not family.generative and hasattr(family, "reconstruct"):  # a tokenizer (vqvae)
         _eval_tokenizer(args)
         return
     sampler = engines.apply(pretrained.load(args.model, device=args.device, decode=args.decode, cfg=args.cfg),

@@ -163,6 +163,14 @@ def class_accuracy(predicted: torch.Tensor, wanted: torch.Tensor, class_names: t
     return {"accuracy": float((predicted == wanted).double().mean()), "per_class_accuracy": per_class}
 
 
+def _train_features(judge: Judge, train: data.ImageSet, n: int, seed: int, batch_size: int,
+                    progress: bool) -> torch.Tensor:
+    """The scale of every score: features of n real training images (capped by the
+    split's size), picked by `seed`, to set against the same test split."""
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    return judge.embed(_batches(train.images[pick], batch_size), len(pick), "features: train split", progress)[0]
+
+
 def evaluate(sampler: Sampler, n: int = 10_000, seed: int = 0, batch_size: int = 500,
              classifier: str | None = None, device: str = "cpu", progress: bool = True) -> dict:
     """Everything `genfast eval` reports, as a JSON-able dict."""
@@ -179,10 +187,8 @@ def evaluate(sampler: Sampler, n: int = 10_000, seed: int = 0, batch_size: int =
                                             progress)
     fake, fake_predicted = judge.embed(sampler.batches(n, seed, batch_size=batch_size), n,
                                        "features: generated", progress)
-    # The scale: as many real training images (capped by the split's size) against the same test split.
-    n_real = min(n, len(train))
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_real]
-    real_train, _ = judge.embed(_batches(train.images[pick], batch_size), n_real, "features: train split", progress)
+    real_train = _train_features(judge, train, n, seed, batch_size, progress)
+    n_real = len(real_train)
 
     scores = fid_kid(real_test, fake, seed)
     baseline = fid_kid(real_test, real_train, seed)
@@ -245,8 +251,7 @@ def evaluate_reconstructions(name_or_path: str, batch_size: int = 500, seed: int
     rebuilt = (family.reconstruct(modules, config, originals[i:i + batch_size], test.labels[i:i + batch_size]
                                   if test.labels is not None else None) for i in range(0, len(test), batch_size))
     fake, _ = judge.embed(rebuilt, len(test), "features: reconstructions", progress)
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:len(test)]
-    real_train, _ = judge.embed(_batches(train.images[pick], batch_size), len(pick), "features: train split", progress)
+    real_train = _train_features(judge, train, len(test), seed, batch_size, progress)
     scores, baseline = fid_kid(real_test, fake, seed), fid_kid(real_test, real_train, seed)
     return {"model": str(name_or_path), "dataset": dataset, "classifier": judge.name, "n": len(test),
             **scores, "fid_std": bootstrap_fid_std(real_test, fake, seed), "real_fid": baseline["fid"],

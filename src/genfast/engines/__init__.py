@@ -76,13 +76,13 @@ def cudagraph(sampler: Sampler) -> Sampler:
     static decoder's step is what is recorded."""
     require_cuda(sampler.device)
     generator = sampler.module
-    if not getattr(generator, "one_call", True) and not hasattr(generator, "with_step_wrap"):
-        raise EngineUnavailable("for a model that decodes token by token, put cudagraph first")
     if hasattr(generator, "with_step_wrap"):
         if generator.decode != "static":
             raise EngineUnavailable("'cudagraph' records the static decoder's fixed-shape step: use --decode static")
         return rewrap(sampler, generator.with_step_wrap(
             lambda step: GraphedStep(step, step.cache.keys.shape[1], sampler.device)))
+    if not getattr(generator, "one_call", True):
+        raise EngineUnavailable("for a model that decodes token by token, put cudagraph first")
     return rewrap(sampler, None, GraphReplay(generator.eval(), sampler.conditional))
 
 

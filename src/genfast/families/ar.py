@@ -195,22 +195,20 @@ class ARNet(nn.Module):
     def null_prefix(self, batch: int) -> torch.Tensor:
         return self.null.view(1, self.prefix_tokens, -1).expand(batch, -1, -1)
 
-    def prefix(self, condition: torch.Tensor | None) -> torch.Tensor:
+    def prefix(self, condition: torch.Tensor) -> torch.Tensor:
         """(B, P, C) prefix for class ids (B,) (-1: none) or prompt embeddings (B, 384)
-        (an all-zero row: none); None: unconditional for a batch of one."""
-        if condition is None or not self.conditional:
-            return self.null_prefix(1 if condition is None else len(condition))
+        (an all-zero row: none)."""
+        if not self.conditional:
+            return self.null_prefix(len(condition))
         if condition.is_floating_point():  # prompt embeddings
             if not self.text:
                 raise GenfastError("this model is conditioned on classes, not text prompts")
             none = condition.abs().sum(-1) == 0
             mapped = self.project(condition.to(self.null.dtype))
-        elif self.text:  # a class stands for the mean of its training phrasings
-            none = condition < 0
-            mapped = self.project(F.normalize(self.captions[condition.clamp_min(0)].mean(1), dim=-1))
         else:
-            none = condition < 0
-            mapped = self.classes(condition.clamp_min(0))
+            none, ids = condition < 0, condition.clamp_min(0)
+            # A class on a text model stands for the mean of its training phrasings.
+            mapped = self.project(F.normalize(self.captions[ids].mean(1), dim=-1)) if self.text else self.classes(ids)
         mapped = torch.where(none[:, None], self.null[None], mapped)
         return mapped.view(len(condition), self.prefix_tokens, -1)
 
@@ -413,11 +411,11 @@ class AR:
         return {"loss": loss.item(), "bits_per_token": loss.item() / math.log(2)}
 
     def sampler(self, modules: dict[str, nn.Module], config: ARConfig, class_names: tuple[str, ...]) -> Sampler:
-        return with_decoding(Sampler.from_module(
+        return Sampler.from_module(
             ARGenerator(modules["tokenizer"], modules["gpt"], config.decode, options_of(config)),
             noise_shape=(3, modules["gpt"].sequence_length),
             image_shape=(tokenizer_config(config).channels, config.image_size, config.image_size),
-            class_names=class_names if (config.conditional or config.text) else ()), config.decode)
+            class_names=class_names if (config.conditional or config.text) else ())
 
     def check_sampling(self, config: ARConfig) -> None:
         require(config, positive=("parallel_steps", "jacobi_window"), non_negative=("temperature", "top_k", "cfg"))
