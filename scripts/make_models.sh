@@ -46,7 +46,9 @@ jobs=(
     "classifier-mnist classifier --data mnist --epochs $((MNIST_EPOCHS / 2))"
     # The tokenizers of the ar models below (the shipped ones are what those train on).
     "vqvae-fashion-mnist vqvae --data fashion-mnist --epochs 4"
-    "vqvae-mnist vqvae --data mnist --epochs 29"
+    # Seed 0 collapses on MNIST: every vector falls on one code at first, the decoder learns
+    # the mean digit and stays there (reconstruction MSE 0.44 for 1,000 steps); seed 1 trains.
+    "vqvae-mnist vqvae --data mnist --epochs 29 --seed 1"
 )
 # The transformers, once their tokenizers are shipped: class-conditional GPT, text-
 # conditioned GPT, and the text-conditioned MaskGIT (masked objective: parallel decoding).

@@ -40,8 +40,9 @@ def test_train_sample_and_python_api_agree(tmp_path: Path, capsys):
     status, _, _ = run(capsys, "sample", ckpt, "-n", 5, "--out", tmp_path / "each", "--class", "class3",
                        "--seed", 3, "--batch-size", 2, "-q")
     assert status == 0
-    files = sorted((tmp_path / "each").iterdir())
+    files = sorted((tmp_path / "each").glob("*.png"))
     assert [f.name for f in files] == [f"{i:06d}.png" for i in range(5)]
+    assert sorted(p.name for p in (tmp_path / "each").iterdir()) == [f.name for f in files] + ["manifest.json"]
     # The files hold exactly what the Python API makes for the same seed and class.
     expected = images.to_uint8(pretrained.load(ckpt).generate(5, seed=3, class_index=3))
     for i, f in enumerate(files):
@@ -157,7 +158,7 @@ def test_folder_output_never_overwrites_earlier_images(tiny_gan, tmp_path: Path,
     assert run(capsys, "sample", tiny_gan, "-n", 3, "--out", out, "-q")[0] == 0
     before = (out / "000000.png").read_bytes()
     status, _, err = run(capsys, "sample", tiny_gan, "-n", 3, "--seed", 9, "--out", out, "-q")
-    assert status == 1 and "already holds generated images" in err
+    assert status == 1 and "holds another job's images" in err
     assert (out / "000000.png").read_bytes() == before
 
 

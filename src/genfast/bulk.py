@@ -1,87 +1,207 @@
-"""Bulk generation into a folder, spread over worker processes.
+"""Bulk generation into a folder: resumable shards and a manifest, over any number of processes.
 
-`genfast sample NAME -n 100000 --out DIR --workers W` cuts the n images into batches and
-hands them to W processes (each with cores / W threads), which write their batches
-directly: one PNG per image (000000.png, ...) or one .npz shard per batch (uint8 images,
-labels, indexes). Image i is the same whatever the number of workers or the batch size:
-every process draws the whole noise of the seed once (cheap next to generating: 40 MB for
-100,000 images of z = 100) and takes its rows from it.
+`genfast sample NAME -n 1000000 --out DIR` runs in one process; `--nproc N`, or
+`torchrun --nproc_per_node N [--nnodes M ...] -m genfast sample ...` (DIR then on storage
+every node sees), spreads the work over processes. The n images are cut into shards of
+`shard_size` consecutive indexes; the unfinished shards are dealt out to the processes
+(shard k to the process k mod N of the list), and each shard is written whole before its
+record is:
+
+    DIR/000000.png ...              png: one file per image, named by its index
+    DIR/shard_000000.npz ...        npz: a shard's images (uint8, (k, C, H, W)), labels, index
+    DIR/manifest.d/shard_*.json     a finished shard: its first index, count and sha256
+    DIR/manifest.json               the job; once complete, also every shard's record
+
+Image i is drawn from the noise of index i (`Sampler.noise`) in a shard of the same
+images whatever N is, so the folder's images do not depend on N (byte-for-byte, on the
+same hardware and thread count: the .npz files carry no time stamps). A killed job run
+again with the same options, at any N, checks the finished shards' checksums, keeps
+them, and makes only the rest: no gap, no duplicate. Another job's folder is refused.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
+import hashlib
+import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from genfast import images, pretrained
+from genfast import distributed, engines, images, pretrained
+from genfast.devices import resolve_device
 from genfast.errors import GenfastError
-from genfast.fileio import atomic_path, ensure_dir
+from genfast.fileio import atomic_path, ensure_dir, write_bytes
 
 FORMATS = ("png", "npz")
-
-_worker: dict = {}  # per process: the sampler, its noise and labels, the job's settings
-
-
-def _setup(model: str, engine: str, n: int, seed: int, class_index: int | None, out: str, fmt: str,
-           threads: int, settings: dict, condition: torch.Tensor | None) -> None:
-    from genfast import engines, memory
-
-    memory.reuse_freed_memory()
-    torch.set_num_threads(threads)
-    sampler = engines.apply(pretrained.load(model, **settings), engine)
-    labels = sampler.labels(n, class_index) if condition is None else condition.expand(n, -1)
-    _worker.update(sampler=sampler, noise=sampler.noise(n, seed), labels=labels, out=Path(out), fmt=fmt)
+MANIFEST = "manifest.json"
+RECORDS = "manifest.d"
 
 
-def _write(span: tuple[int, int]) -> int:
-    start, end = span
-    sampler, labels = _worker["sampler"], _worker["labels"]
-    batch_labels = None if labels is None else labels[start:end]
-    pixels = sampler(_worker["noise"][start:end], batch_labels)
-    if _worker["fmt"] == "png":
-        images.save_each(pixels, _worker["out"], start=start)
+def job(model: str, n: int, seed: int = 0, class_index: int | None = None, prompt: str | None = None,
+        settings: dict | None = None, engine: str = "eager", fmt: str = "png", shard_size: int = 1000) -> dict:
+    """What decides the folder's images: a re-run must ask for exactly this to resume it."""
+    if fmt not in FORMATS:
+        raise GenfastError(f"unknown format '{fmt}'; choose one of: {', '.join(FORMATS)}")
+    if shard_size < 1:
+        raise GenfastError(f"--shard-size must be at least 1, got {shard_size}")
+    path = pretrained.resolve(model)
+    return {"model": str(model), "model_sha256": _sha256([path]), "n": n, "seed": seed, "class": class_index,
+            "prompt": prompt, "settings": {k: v for k, v in (settings or {}).items() if v is not None},
+            "engine": engine, "format": fmt, "shard_size": shard_size}
+
+
+def generate(spec: dict, out: Path, batch_size: int = 256, device: str = "cpu", progress: bool = True,
+             condition: torch.Tensor | None = None) -> tuple[int, int]:
+    """Make the images of `spec` (see `job`) that `out` lacks, this process's share of
+    them; returns (images this process wrote, images already there when it started).
+    `condition`: one prompt embedding for every image (ar-text)."""
+    here = distributed.world()
+    where = distributed.device_of(resolve_device(device), here)
+    with distributed.joined(where):
+        return _generate(spec, Path(out), batch_size, where, progress, condition, here)
+
+
+def _generate(spec: dict, out: Path, batch_size: int, device: torch.device, progress: bool,
+              condition: torch.Tensor | None, here: distributed.World) -> tuple[int, int]:
+    _check_folder(out, spec)  # every process reads and refuses alike: none is left waiting
+    if here.main:
+        _keep_intact(out, spec)
+    distributed.barrier()
+    finished = _recorded(out)
+    distributed.barrier()  # every process has its list before any writes
+    shards = range(-(-spec["n"] // spec["shard_size"]))
+    mine = [k for k in shards if k not in finished][here.rank::here.size]
+    already = sum(record["count"] for record in finished.values())
+
+    written = 0
+    if mine:
+        sampler = engines.apply(pretrained.load(spec["model"], device=device, **spec["settings"]), spec["engine"])
+        labels = sampler.labels(spec["n"], spec["class"]) if condition is None else condition[:1].expand(spec["n"], -1)
+        share = sum(_span(spec, k)[1] - _span(spec, k)[0] for k in mine)
+        where = f" (process {here.rank} of {here.size})" if here.size > 1 else ""
+        with tqdm(total=share, desc=f"sampling{where}", unit="img", disable=not progress) as bar:
+            for k in mine:
+                written += _write_shard(out, spec, k, sampler, labels, batch_size, bar)
+    distributed.barrier()
+    if here.main:
+        records = _recorded(out)
+        complete = len(records) == len(shards)
+        write_bytes(out / MANIFEST, _json(spec | {"complete": complete,
+                                                  "images": sum(r["count"] for r in records.values()),
+                                                  "shards": [records[k] for k in sorted(records)]}))
+        if complete:  # the manifest now holds every record
+            for path in (out / RECORDS).glob("shard_*.json"):
+                path.unlink()
+            (out / RECORDS).rmdir()
+    return written, already
+
+
+def _span(spec: dict, shard: int) -> tuple[int, int]:
+    start = shard * spec["shard_size"]
+    return start, min(start + spec["shard_size"], spec["n"])
+
+
+def _files(out: Path, spec: dict, shard: int) -> list[Path]:
+    if spec["format"] == "npz":
+        return [out / f"shard_{shard:06d}.npz"]
+    start, end = _span(spec, shard)
+    return [out / f"{i:0{_digits(spec)}d}.png" for i in range(start, end)]
+
+
+def _digits(spec: dict) -> int:
+    """PNG names of one width, so that they sort in index order."""
+    return max(6, len(str(spec["n"] - 1)))
+
+
+def _write_shard(out: Path, spec: dict, shard: int, sampler, labels: torch.Tensor | None, batch_size: int,
+                 bar: tqdm) -> int:
+    start, end = _span(spec, shard)
+    batches = []
+    for first in range(start, end, batch_size):
+        last = min(first + batch_size, end)
+        pixels = sampler(sampler.noise(last - first, spec["seed"], first), None if labels is None else labels[first:last])
+        batches.append(images.to_uint8(pixels.cpu()))
+        bar.update(last - first)
+    pixels = torch.cat(batches)
+    files = _files(out, spec, shard)
+    if spec["format"] == "png":
+        for array, path in zip(pixels.permute(0, 2, 3, 1).numpy(), files):
+            images.save_png(array, path, durable=False)
     else:
-        shard = _worker["out"] / f"shard_{start:09d}.npz"
-        with atomic_path(shard, durable=False) as tmp, open(tmp, "wb") as f:
-            class_labels = batch_labels is not None and not batch_labels.is_floating_point()
-            np.savez(f, images=images.to_uint8(pixels).numpy(), index=np.arange(start, end),
-                     labels=batch_labels.numpy() if class_labels else np.array([]))
+        class_labels = labels is not None and not labels.is_floating_point()
+        _write_npz(files[0], images=pixels.numpy(), index=np.arange(start, end),
+                   labels=labels[start:end].numpy() if class_labels else np.array([], dtype=np.int64))
+    record = {"shard": shard, "start": start, "count": end - start, "sha256": _sha256(files)}
+    write_bytes(out / RECORDS / f"shard_{shard:06d}.json", _json(record))  # last: the shard is now finished
     return end - start
 
 
-def generate(model: str, out: Path, n: int, seed: int = 0, class_index: int | None = None, batch_size: int = 256,
-             workers: int = 1, fmt: str = "png", engine: str = "eager", progress: bool = True,
-             settings: dict | None = None, condition: torch.Tensor | None = None) -> int:
-    """Write n images of `model` into the folder `out`; returns how many were written.
-    `settings` are the model's sampling settings (ar: decode, cfg); `condition`, one
-    prompt embedding for every image (ar-text)."""
-    if fmt not in FORMATS:
-        raise GenfastError(f"unknown format '{fmt}'; choose one of: {', '.join(FORMATS)}")
-    if workers < 1:
-        raise GenfastError(f"--workers must be at least 1, got {workers}")
-    ensure_dir(out)
-    spans = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    setup = (str(model), engine, n, seed, class_index, str(out), fmt, threads, settings or {},
-             None if condition is None else condition[:1].clone())
-    bar = tqdm(total=n, desc=f"sampling ({workers} worker{'s' if workers > 1 else ''})", unit="img",
-               disable=not progress)
-    written = 0
-    if workers == 1:
-        _setup(*setup)
-        for span in spans:
-            written += _write(span)
-            bar.update(span[1] - span[0])
-    else:
-        # spawn, not fork: a forked copy of a process with a live thread pool can deadlock.
-        with multiprocessing.get_context("spawn").Pool(workers, initializer=_setup, initargs=setup) as pool:
-            for count in pool.imap_unordered(_write, spans):
-                written += count
-                bar.update(count)
-    bar.close()
-    return written
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    """np.savez, atomically and byte-for-byte reproducible (the zip entries carry the fixed
+    date of a new ZipInfo, not the time of writing), so equal shards have equal checksums."""
+    with atomic_path(path, durable=False) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+        for name, array in arrays.items():
+            with archive.open(zipfile.ZipInfo(f"{name}.npy"), "w") as f:
+                np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
+
+
+def _sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _json(value: dict) -> bytes:
+    return (json.dumps(value, indent=1) + "\n").encode()
+
+
+def _check_folder(out: Path, spec: dict) -> None:
+    """A folder of another job's images (or of images without a manifest) is refused."""
+    manifest = out / MANIFEST
+    if manifest.exists():
+        try:
+            saved = json.loads(manifest.read_text())
+        except (OSError, ValueError) as e:
+            raise GenfastError(f"{manifest} is unreadable ({e}); choose another folder") from None
+        # The checkpoint's checksum, not its name or path, says which model it is.
+        differ = [f"{key} {saved.get(key)!r} (asked: {spec[key]!r})" for key in spec
+                  if key != "model" and saved.get(key) != spec[key]]
+        if differ:
+            raise GenfastError(f"{out} holds another job's images ({'; '.join(differ)}); run that job again to "
+                               f"complete it, or choose another folder")
+    elif out.is_dir() and (any(out.glob("[0-9]" * 6 + "*.png")) or any(out.glob("shard_*.npz"))):
+        raise GenfastError(f"{out} already holds generated images; choose an empty or new folder")
+
+
+def _recorded(out: Path) -> dict[int, dict]:
+    """The finished shards' records, by shard: the complete manifest's and the record files."""
+    try:
+        records = {r["shard"]: r for r in json.loads((out / MANIFEST).read_text()).get("shards", [])}
+    except (OSError, ValueError):
+        records = {}
+    for path in sorted((out / RECORDS).glob("shard_*.json")):
+        record = json.loads(path.read_text())
+        records[record["shard"]] = record
+    return records
+
+
+def _keep_intact(out: Path, spec: dict) -> None:
+    """Rank 0, before a run: the records of shards whose files are all there with their
+    checksum become record files; the others are dropped (their shards are made again).
+    The manifest is the bare job until the run completes."""
+    ensure_dir(out / RECORDS)
+    for shard, record in _recorded(out).items():
+        path = out / RECORDS / f"shard_{shard:06d}.json"
+        files = _files(out, spec, shard)
+        if all(f.exists() for f in files) and _sha256(files) == record["sha256"]:
+            if not path.exists():
+                write_bytes(path, _json(record))
+        else:
+            path.unlink(missing_ok=True)
+    write_bytes(out / MANIFEST, _json(spec))

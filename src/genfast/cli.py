@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from genfast import data, engines, images, memory, pretrained
+from genfast import data, distributed, engines, images, memory, pretrained
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError, GenfastWarning
 from genfast.families import FAMILIES, get_family
@@ -65,17 +65,39 @@ def _sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 # --- commands -------------------------------------------------------------------------------------
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from genfast.train import TrainOptions, train
+def _launched(args: argparse.Namespace) -> bool:
+    """With --nproc N > 1, run this command as N processes (torchrun's agent); True once
+    they have finished. Under torchrun itself --nproc is refused: torchrun counts them."""
+    if args.nproc == 1:
+        return False
+    if distributed.world().size > 1:
+        raise GenfastError("--nproc starts the processes itself; under torchrun, drop it")
+    distributed.launch(args.nproc, distributed.without_option(args.argv, "--nproc"))
+    return True
 
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from genfast import checkpoint
+    from genfast.train import CHECKPOINT_NAME, TrainOptions, train
+
+    try:
+        if _launched(args):
+            return
+    except distributed.ProcessFailed as e:
+        if not e.user_error:  # say where the run can be picked up
+            saved = args.out / CHECKPOINT_NAME
+            e.args = (f"{e}; " + (f"the last checkpoint is {saved} at step {checkpoint.read_header(saved)['step']}: "
+                                  f"continue with --resume" if saved.exists() else "no checkpoint was written yet"),)
+        raise
     options = TrainOptions(out=args.out, data=args.data, epochs=args.epochs, steps=args.steps, seed=args.seed,
                            resume=args.resume, device=args.device, precision=args.precision,
                            sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
-                           progress=not args.quiet)
+                           log_every=args.log_every, progress=not args.quiet, sync_batchnorm=args.sync_bn)
     pairs = [*args.overrides, "text=true"] if args.text else args.overrides
     path = train(args.family, options, preset=args.preset, toml_path=args.config, pairs=pairs,
                  conditional=args.conditional)
-    print(f"checkpoint: {path}")
+    if distributed.world().main:
+        print(f"checkpoint: {path}")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -90,6 +112,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     args.steps = args.steps or 10
     if args.prompt is not None and (getattr(args, "class") is not None or args.reconstruct or args.interpolate):
         raise GenfastError("--prompt makes plain samples: drop --class, --reconstruct and --interpolate")
+    if not as_folder and (args.nproc > 1 or distributed.world().size > 1 or args.format != "png"):
+        raise GenfastError("several processes and --format npz write into a folder: give --out a folder")
+    if _launched(args):
+        return
     settings = {"decode": args.decode, "cfg": args.cfg}
     # A wrong name or setting fails before anything is written (even a folder).
     if args.reconstruct:
@@ -102,11 +128,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
             from genfast.families.ar import prompt_condition
 
             condition = prompt_condition(sampler, args.prompt, args.n)
-    if as_folder and out.is_dir() and (any(out.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"))
-                                       or any(out.glob("shard_*.npz"))):
-        raise GenfastError(f"{out} already holds generated images; choose an empty or new folder")
-    if not as_folder and (args.workers > 1 or args.format != "png"):
-        raise GenfastError("--workers and --format npz write into a folder: give --out a folder")
     images.writable_target(out / "x.png" if as_folder else out)
     if args.reconstruct:  # needs the data set and an encoder, not a sampler
         grid, nrow = _reconstructions(args), 10
@@ -116,13 +137,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
         grid = fast.interpolate(args.n, args.steps, args.seed, class_index, args.batch_size)
         nrow = args.steps
         what = f"{args.n} walks of {args.steps} steps between pairs of samples"
-    elif as_folder:  # written batch by batch (by --workers processes), never all in memory at once
+    elif as_folder:  # shard by shard (by each process its share), never all in memory at once
         from genfast import bulk
 
-        written = bulk.generate(args.model, out, args.n, args.seed, class_index, args.batch_size, args.workers,
-                                args.format, args.engine, progress=not args.quiet, settings=settings,
-                                condition=condition)
-        print(f"wrote {written} images to {out}/ ({args.format})")
+        spec = bulk.job(args.model, args.n, args.seed, class_index, args.prompt, settings, args.engine, args.format,
+                        args.shard_size)
+        written, already = bulk.generate(spec, out, args.batch_size, args.device, progress=not args.quiet,
+                                         condition=condition)
+        if distributed.world().main:
+            kept = f" ({already} were already there)" if already else ""
+            print(f"wrote {written} images to {out}/ ({args.format}, manifest {out / bulk.MANIFEST}){kept}"
+                  if distributed.world().size == 1 else
+                  f"{distributed.world().size} processes completed {args.n} images in {out}/ ({args.format}, "
+                  f"manifest {out / bulk.MANIFEST}){kept}")
         return
     else:
         fast = engines.apply(sampler, args.engine)  # bulk output applies it in each worker instead
@@ -335,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default fp32; --resume keeps the run's")
     p.add_argument("--sample-every", type=_positive, default=500, help="steps between sample grids")
     p.add_argument("--checkpoint-every", type=_positive, default=500, help="steps between checkpoints")
+    p.add_argument("--log-every", type=_positive, default=10, help="steps between TensorBoard scalars")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=_positive, default=1,
+                   help="train as N processes on this machine (DistributedDataParallel; or start genfast with "
+                        "torchrun for several machines); the batch size stays the global batch")
+    p.add_argument("--sync-bn", action="store_true", help="several GPU processes: BatchNorm over the global batch")
     p.set_defaults(run=cmd_train)
 
     p = commands.add_parser("sample", help="generate images from a checkpoint or a shipped model")
@@ -355,9 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive, help="images per walk for --interpolate (default 10)")
     p.add_argument("--engine", type=_engine, default="eager",
                    help="how to run the model: one of " + ", ".join(engines.ENGINES) + ", or several joined by +")
-    p.add_argument("--workers", type=_positive, default=1, help="processes writing a folder (bulk generation)")
+    p.add_argument("--nproc", type=_positive, default=1,
+                   help="folder output: N processes on this machine, each making its share of the shards (or "
+                        "start genfast with torchrun for several machines)")
     p.add_argument("--format", default="png", choices=["png", "npz"],
-                   help="folder output: one PNG per image, or .npz shards of a batch each")
+                   help="folder output: one PNG per image, or one .npz per shard")
+    p.add_argument("--shard-size", type=_positive, default=1000,
+                   help="folder output: images per shard, the unit a re-run of a stopped job skips when done")
     _sampling_arguments(p)
     p.add_argument("--prompt", help="ar-text models: what to draw (\"\" for unconditional)")
     p.set_defaults(run=cmd_sample)
@@ -457,15 +493,24 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in extra if "=" in a and not a.startswith("-")]
     if len(overrides) != len(extra) or (overrides and args.command != "train"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides = overrides
+    args.overrides, args.argv = overrides, list(sys.argv[1:] if argv is None else map(str, argv))
     _one_line_warnings()
     memory.reuse_freed_memory()  # every command allocates the same large tensors over and over: memory.py
+    # Started by torchrun, every process meets the same error: rank 0 alone says it.
+    speaks = distributed.world().main
     try:
         args.run(args)
+    except distributed.ProcessFailed as e:
+        if not e.user_error:  # otherwise the process that failed has said why
+            print(f"genfast: error: {e}", file=sys.stderr)
+        return 1
     except GenfastError as e:
-        print(f"genfast: error: {e}", file=sys.stderr)
+        if speaks:
+            print(f"genfast: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        print(f"genfast: interrupted{'; ' + str(e) if str(e) else ''}; files already written are kept", file=sys.stderr)
+        if speaks:
+            print(f"genfast: interrupted{'; ' + str(e) if str(e) else ''}; files already written are kept",
+                  file=sys.stderr)
         return 130
     return 0

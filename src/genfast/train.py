@@ -5,11 +5,20 @@ checkpoints, resume and divergence checks live here, so every family gets them
 the same way (after minGPT's trainer, which knows nothing about the model).
 
 Randomness is a pure function of (seed, step): the data order of epoch e comes
-from a generator seeded with (seed, e) and the noise of step s from one seeded
-with (seed, s). A resumed run therefore draws exactly what the uninterrupted run
-would have drawn, and needs no RNG state in the checkpoint. (On a CPU the two
-end bit-identical; CUDA kernels are not bitwise deterministic, so there they end
-merely equivalent.)
+from a DistributedSampler seeded with (seed, e), and the noise of step s (and the
+dropout masks) from generators seeded with (seed, s). A resumed run therefore draws
+exactly what the uninterrupted run would have drawn, and needs no RNG state in the
+checkpoint. (On a CPU the two end bit-identical; CUDA kernels are not bitwise
+deterministic, so there they end merely equivalent.)
+
+Several processes (torchrun, or `genfast train --nproc N`) train one model with
+DistributedDataParallel. `batch_size` is the global batch: each of N processes takes
+1/N of it, and the sampler hands process r the rows r, r+N, ... of the same epoch
+order, so a step sees the same images whatever N is, and the averaged gradient is the
+same mean over them. What differs with N: the noise (process r > 0 draws its own,
+seeded with (seed, step, r)), BatchNorm statistics (per process unless --sync-bn)
+and the order of floating-point sums. Rank 0 alone writes checkpoints, samples and
+TensorBoard logs; the checkpoint holds the bare networks, so a run resumes at any N.
 """
 
 from __future__ import annotations
@@ -24,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from genfast import checkpoint, config as configlib, data, images
+from genfast import checkpoint, config as configlib, data, distributed, images
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import get_family
@@ -55,11 +65,28 @@ class TrainOptions:
     log_every: int = 10            # steps between TensorBoard scalars
     max_loss_growth: float = 1e4   # a loss this many times its first value (or NaN/inf) stops the run
     progress: bool = True
+    sync_batchnorm: bool = False   # several GPU processes: BatchNorm statistics over the global batch
 
 
-def _seeded(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
-    # Mix the two numbers so (seed, index) pairs never collide for realistic values.
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + index)
+def _step_seed(seed: int, step: int, rank: int = 0) -> int:
+    # Mix the numbers so (seed, step, rank) never collide for realistic values; rank 0's
+    # seeds are those of a single-process run.
+    return seed * 1_000_003 + step + (rank << 40)
+
+
+def _epoch_order(train_size: int, seed: int, epoch: int, here: distributed.World) -> torch.Tensor:
+    """This process's rows of epoch `epoch`: the shuffled order's rows rank, rank + N, ..."""
+    sampler = DistributedSampler(range(train_size), num_replicas=here.size, rank=here.rank, shuffle=True,
+                                 seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler))
+
+
+class _Silent:
+    """The TensorBoard writer of a process that is not rank 0: it writes nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def _autocast(device: torch.device, precision: str):
@@ -147,7 +174,15 @@ def _restore(saved: checkpoint.Checkpoint, modules, optimizers) -> None:
 
 def train(family_name: str, options: TrainOptions, preset: str = "default", toml_path: Path | None = None,
           pairs: list[str] = (), conditional: bool = False) -> Path:
-    """Train a model (or continue one with options.resume); returns the path of its checkpoint."""
+    """Train a model (or continue one with options.resume); returns the path of its checkpoint.
+    Started by torchrun, this process trains its share of each batch (module docstring)."""
+    device = distributed.device_of(resolve_device(options.device), distributed.world())
+    with distributed.joined(device) as here:
+        return _train(family_name, options, preset, toml_path, pairs, conditional, device, here)
+
+
+def _train(family_name: str, options: TrainOptions, preset: str, toml_path: Path | None, pairs: list[str],
+           conditional: bool, device: torch.device, here: distributed.World) -> Path:
     family = get_family(family_name)
     out = Path(options.out)
     ckpt_path = out / CHECKPOINT_NAME
@@ -171,21 +206,31 @@ def train(family_name: str, options: TrainOptions, preset: str = "default", toml
     if not 2 <= config.batch_size <= len(train_set):  # BatchNorm needs two examples a batch
         raise GenfastError(f"batch_size={config.batch_size} is impossible for {len(train_set)} training images; "
                            f"choose 2..{len(train_set)}")
+    if config.batch_size % here.size or config.batch_size // here.size < 2:
+        raise GenfastError(f"batch_size={config.batch_size} is the global batch and must split evenly, at least 2 "
+                           f"images each, over the {here.size} processes; choose a multiple of {here.size}")
+    if options.sync_batchnorm and (here.size == 1 or device.type != "cuda"):
+        raise GenfastError("--sync-bn shares BatchNorm statistics between GPU processes (PyTorch's SyncBatchNorm "
+                           "runs on CUDA only); drop it for a single process or the CPU")
 
     initial: dict[str, dict[str, torch.Tensor]] = {}
     if saved is None and hasattr(family, "prepare"):  # a family that starts from trained parts (ar: its tokenizer)
         config, initial = family.prepare(config, train_set)
 
-    device = resolve_device(options.device)
-    torch.manual_seed(seed)  # weight initialisation
+    torch.manual_seed(seed)  # weight initialisation: the same in every process
     modules = {name: m.to(device) for name, m in family.build(config).items()}
     for name, state in initial.items():
         modules[name].load_state_dict(state, strict=False)
+    if options.sync_batchnorm:
+        modules = {name: torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for name, m in modules.items()}
     optimizers = family.optimizers(modules, config)
     start = 0
     if saved is not None:
         _restore(saved, modules, optimizers)
         start = saved.step
+    # What train_step runs: the trained networks as DDP (their gradients averaged over the
+    # processes); `modules` stay the bare networks that are saved and sampled.
+    trained = {name: distributed.wrap(m, device) if name in optimizers else m for name, m in modules.items()}
 
     steps_per_epoch = len(train_set) // config.batch_size
     if options.steps is not None:
@@ -204,8 +249,8 @@ def train(family_name: str, options: TrainOptions, preset: str = "default", toml
     if saved is not None and saved.dataset.get("train_size") not in (None, len(train_set)):
         raise GenfastError(f"data set '{data_name}' now has {len(train_set)} training images, the saved run had "
                            f"{saved.dataset['train_size']}; it is not the same data, start a new run")
-    run_info = {"seed": seed, "total_steps": total, "steps_per_epoch": steps_per_epoch,
-                "precision": precision, "device": str(device), "model_name": family.model_name(config)}
+    run_info = {"seed": seed, "total_steps": total, "steps_per_epoch": steps_per_epoch, "precision": precision,
+                "device": str(device), "processes": here.size, "model_name": family.model_name(config)}
 
     def save(step: int) -> None:
         checkpoint.save(checkpoint.Checkpoint(
@@ -236,9 +281,12 @@ def train(family_name: str, options: TrainOptions, preset: str = "default", toml
 
     from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
 
-    images.writable_target(ckpt_path)
-    # purge_step: a resumed run drops events logged after its checkpoint by the run it continues.
-    writer = SummaryWriter(str(out / "tb"), purge_step=start or None)
+    if here.main:
+        images.writable_target(ckpt_path)
+    # purge_step: a resumed run drops events logged after its checkpoint by the run it continues
+    # (the checkpoint of step `start` was written after that step's events).
+    writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None) if here.main else _Silent()
+    local_batch = config.batch_size // here.size
     # The sets fit in memory (Fashion-MNIST is 47 MB as uint8), so they go to the device
     # once and batches are cut and scaled there: no loader processes, no copies per step.
     all_images = train_set.images.to(device)
@@ -250,21 +298,28 @@ def train(family_name: str, options: TrainOptions, preset: str = "default", toml
     epoch_order: dict[int, torch.Tensor] = {}
     data_seconds = step_seconds = 0.0
     last_saved = done = start
-    bar = tqdm(total=total, initial=start, unit="step", disable=not options.progress,
-               desc=f"train {family.model_name(config)} on {data_name}")
+    processes = f" ({here.size} processes)" if here.size > 1 else ""
+    bar = tqdm(total=total, initial=start, unit="step", disable=not (options.progress and here.main),
+               desc=f"train {family.model_name(config)} on {data_name}{processes}")
     with _stop_between_steps() as stop_requested:
         try:
             for step in range(start, total):
                 t0 = time.perf_counter()
                 epoch, index = divmod(step, steps_per_epoch)
                 if epoch not in epoch_order:
-                    epoch_order = {epoch: torch.randperm(len(train_set), generator=_seeded(seed, epoch))}
-                batch = epoch_order[epoch][index * config.batch_size:(index + 1) * config.batch_size].to(device)
+                    epoch_order = {epoch: _epoch_order(len(train_set), seed, epoch, here)}
+                batch = epoch_order[epoch][index * local_batch:(index + 1) * local_batch].to(device)
                 x = images.to_float(all_images[batch])
                 y = all_labels[batch] if all_labels is not None else None
                 t1 = time.perf_counter()
+                step_seed = _step_seed(seed, step, here.rank)
+                torch.manual_seed(step_seed)  # dropout masks
                 with _autocast(device, precision):
-                    losses = family.train_step(modules, optimizers, x, y, _seeded(seed, step, device), config)
+                    losses = family.train_step(trained, optimizers, x, y, torch.Generator(device).manual_seed(step_seed),
+                                               config)
+                # Every process logs and judges the global batch's mean losses, and stops at
+                # the same step when any of them was asked to.
+                losses, stop = _mean_over_processes(losses, bool(stop_requested), device)
                 t2 = time.perf_counter()
                 data_seconds += t1 - t0
                 step_seconds += t2 - t1
@@ -289,20 +344,33 @@ def train(family_name: str, options: TrainOptions, preset: str = "default", toml
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k.startswith("loss")}
                                 | {"img/s": f"{images_per_s:.0f}"})
-                if (done % options.sample_every == 0 or done == total) and family.generative:
+                if (done % options.sample_every == 0 or done == total) and family.generative and here.main:
                     save_samples(done, writer)
                 if done % options.checkpoint_every == 0 or done == total:
-                    if not family.generative:
-                        evaluate(done, writer)
-                    run_info["images_per_s"] = round(images_per_s, 1)
-                    run_info["data_fraction"] = round(data_seconds / (data_seconds + step_seconds), 4)
-                    save(done)
+                    if here.main:
+                        if not family.generative:
+                            evaluate(done, writer)
+                        run_info["images_per_s"] = round(images_per_s, 1)
+                        run_info["data_fraction"] = round(data_seconds / (data_seconds + step_seconds), 4)
+                        save(done)
                     last_saved = done
-                if stop_requested:
-                    if done > last_saved:
+                if stop:
+                    if done > last_saved and here.main:
                         save(done)
                     raise KeyboardInterrupt(f"checkpoint saved at step {done} in {ckpt_path}; continue with --resume")
         finally:
             bar.close()
             writer.close()
+    distributed.barrier()  # no process ends the job before rank 0 has written the last checkpoint
     return ckpt_path
+
+
+def _mean_over_processes(losses: dict[str, float], stop: bool, device: torch.device) -> tuple[dict[str, float], bool]:
+    """The losses averaged over the processes (their batches are equal shares of the global
+    one), and whether any process was asked to stop; as they are in a world of one."""
+    if distributed.world().size == 1:
+        return losses, stop
+    values = distributed.sum_over_ranks(torch.tensor([*losses.values(), float(stop)], dtype=torch.float64,
+                                                     device=device)).tolist()
+    size = distributed.world().size
+    return {key: value / size for key, value in zip(losses, values)}, values[-1] > 0

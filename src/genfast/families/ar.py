@@ -34,6 +34,7 @@ from torch import nn
 
 from genfast import config as configlib
 from genfast.config import require
+from genfast.distributed import unwrap
 from genfast.errors import GenfastError
 from genfast.families import decoding
 from genfast.families.base import Sampler, TrainedConfig
@@ -376,7 +377,9 @@ class AR:
     def train_step(self, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                    images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
                    config: ARConfig) -> dict[str, float]:
-        net, optimizer = modules["gpt"], optimizers["gpt"]
+        # The forward pass goes through modules["gpt"] (DDP when several processes train);
+        # the network's own methods through `net`.
+        net, optimizer = unwrap(modules["gpt"]), optimizers["gpt"]
         with torch.no_grad():
             tokens = modules["tokenizer"].eval().encode(images)
         batch, length = tokens.shape
@@ -392,14 +395,14 @@ class AR:
                 condition = labels.masked_fill(dropped, -1)
         prefix = net.prefix(condition) if condition is not None else net.null_prefix(batch)
         if config.objective == "causal":
-            logits = net(prefix, tokens[:, :-1])[:, config.prefix_tokens - 1:]
+            logits = modules["gpt"](prefix, tokens[:, :-1])[:, config.prefix_tokens - 1:]
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
         else:  # MaskGIT: mask a cosine-scheduled fraction, predict the masked tokens
             ratio = torch.cos(math.pi / 2 * torch.rand(batch, generator=generator, device=generator.device)).to(device)
             count = (ratio * length).ceil().clamp(1, length)
             scores = torch.rand(batch, length, generator=generator, device=generator.device).to(device)
             masked = scores.argsort(1).argsort(1) < count[:, None]
-            logits = net(prefix, tokens.masked_fill(masked, net.mask_token))[:, config.prefix_tokens:]
+            logits = modules["gpt"](prefix, tokens.masked_fill(masked, net.mask_token))[:, config.prefix_tokens:]
             loss = F.cross_entropy(logits[masked], tokens[masked])
         step = optimizer.state[next(iter(net.parameters()))].get("step", 0)
         for group in optimizer.param_groups:  # linear warm-up, then constant

@@ -19,6 +19,9 @@ from tqdm import tqdm
 from genfast.errors import GenfastError
 
 MAX_SEED = 2**32 - 1
+# A seed's noise comes in blocks of this many images, block j from a generator seeded
+# with (seed, j): any range of images is drawn without drawing those before it.
+NOISE_BLOCK = 256
 SampleFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -62,12 +65,16 @@ class Sampler:
     def __call__(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.fn(noise, labels)
 
-    def noise(self, n: int, seed: int) -> torch.Tensor:
-        """The noise for images 0..n-1 of `seed`: the same whatever the batch size."""
+    def noise(self, n: int, seed: int, start: int = 0) -> torch.Tensor:
+        """The noise of images start..start+n-1 of `seed`. Image i's noise is the same
+        whatever the range, batch or process that draws it (bulk generation relies on it)."""
         if not 0 <= seed <= MAX_SEED:
             raise GenfastError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
-        generator = torch.Generator().manual_seed(seed)
-        return torch.randn(n, *self.noise_shape, generator=generator)
+        first, last = start // NOISE_BLOCK, (start + n - 1) // NOISE_BLOCK
+        blocks = [torch.randn(NOISE_BLOCK, *self.noise_shape, generator=torch.Generator().manual_seed(seed + (j << 32)))
+                  for j in range(first, last + 1)]
+        offset = start - first * NOISE_BLOCK
+        return torch.cat(blocks)[offset:offset + n]
 
     def class_index(self, name_or_index: str | int) -> int:
         """A class index (int), or a class name or index as text (`--class`) -> the index."""

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genfast.config import require
+from genfast.distributed import unwrap
 from genfast.errors import GenfastError
 from genfast.families.base import Sampler, TrainedConfig
 
@@ -167,9 +168,10 @@ class GAN:
         opt_d.step()
 
         # Generator, non-saturating: maximise log D(G(z)). D is frozen so this step
-        # neither updates it nor spends time on its weight gradients.
+        # neither updates it nor spends time on its weight gradients (and, run by several
+        # processes, is called bare: it has no gradients to average).
         D.requires_grad_(False)
-        d_gen = D(fake, labels)
+        d_gen = unwrap(D)(fake, labels)
         loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()

@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genfast import distributed
 from genfast.config import require
+from genfast.distributed import unwrap
 from genfast.errors import GenfastError
 from genfast.families.base import TrainedConfig
 
@@ -99,8 +101,14 @@ class Quantizer(nn.Module):
         """One EMA step of the codebook towards the vectors assigned to each code, then
         restart the dead codes on random vectors of this batch."""
         one_hot = F.one_hot(tokens, len(self.codebook)).type(vectors.dtype)
-        self.ema_count.mul_(self.decay).add_(one_hot.sum(0), alpha=1 - self.decay)
-        self.ema_sum.mul_(self.decay).add_(one_hot.T @ vectors, alpha=1 - self.decay)
+        # Several training processes: the statistics of the global batch (summed over the
+        # processes), so every process keeps the same codebook a single one would. A dead
+        # code is restarted from each process's own batch; DDP then hands every process
+        # rank 0's buffers at the next forward pass.
+        counts, sums = distributed.sum_over_ranks(torch.cat([one_hot.sum(0)[:, None], one_hot.T @ vectors], 1)).split(
+            [1, vectors.shape[1]], 1)
+        self.ema_count.mul_(self.decay).add_(counts[:, 0], alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         # Laplace smoothing keeps a rarely used code from dividing by ~0.
         n = self.ema_count.sum()
         count = (self.ema_count + 1e-5) / (n + len(self.codebook) * 1e-5) * n
@@ -120,6 +128,17 @@ class VQVAENet(nn.Module):
         super().__init__()
         self.encoder, self.quantizer, self.decoder = Encoder(c), Quantizer(c), Decoder(c)
         self.grid = c.image_size // 4
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The training pass: (reconstructions through the straight-through estimator,
+        encoder vectors (B*grid*grid, code_dim), their tokens, their codes)."""
+        z = self.encoder(images)
+        vectors = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        tokens = self.quantizer.tokens(vectors.detach())
+        quantized = self.quantizer.codebook[tokens]
+        straight_through = vectors + (quantized - vectors).detach()
+        grid = straight_through.view(len(images), self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        return self.decoder(grid), vectors, tokens, quantized
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [-1, 1] -> (B, grid*grid) tokens, row by row."""
@@ -167,20 +186,14 @@ class VQVAE:
     def train_step(self, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                    images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
                    config: VQVAEConfig) -> dict[str, float]:
-        net = modules["vqvae"]
-        z = net.encoder(images)
-        vectors = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        tokens = net.quantizer.tokens(vectors.detach())
-        quantized = net.quantizer.codebook[tokens]
+        rebuilt, vectors, tokens, quantized = modules["vqvae"](images)
         commitment = F.mse_loss(vectors, quantized)
-        straight_through = vectors + (quantized - vectors).detach()
-        grid = straight_through.view(len(images), net.grid, net.grid, -1).permute(0, 3, 1, 2)
-        reconstruction = F.mse_loss(net.decoder(grid), images)
+        reconstruction = F.mse_loss(rebuilt, images)
         loss = reconstruction + config.commitment * commitment
         optimizers["vqvae"].zero_grad(set_to_none=True)
         loss.backward()
         optimizers["vqvae"].step()
-        net.quantizer.update(vectors.detach().float(), tokens, generator)
+        unwrap(modules["vqvae"]).quantizer.update(vectors.detach().float(), tokens, generator)
         return {"loss": loss.item(), "reconstruction_mse": reconstruction.item(), "commitment": commitment.item()}\
             | usage(tokens, config.codebook_size)
 
