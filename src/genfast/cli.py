@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"genfast: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        if speaks:
+        if speaks and not isinstance(e, distributed.Interrupted):
             print(f"genfast: interrupted{'; ' + str(e) if str(e) else ''}; files already written are kept",
                   file=sys.stderr)
         return 130

@@ -129,6 +129,10 @@ class ProcessFailed(GenfastError):
         self.user_error = user_error  # status 1: genfast already said what was wrong
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C of started processes: rank 0 has said where things stand."""
+
+
 def launch(nproc: int, argv: list[str]) -> None:
     """Run `python -m genfast ARGV` as `nproc` processes on this machine, as
     `torchrun --standalone --nproc-per-node NPROC` would; returns when all have finished.
@@ -138,14 +142,17 @@ def launch(nproc: int, argv: list[str]) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    # The agent logs each step of a failure; the one line below says what a user needs.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # The agent logs each step of a failure (each of its modules at its own level); the one
+    # line below says what a user needs.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "genfast", *argv)
     except SignalException:  # Ctrl-C: the agent has passed it on to the processes, which stop as one would
-        raise KeyboardInterrupt() from None
+        raise Interrupted() from None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()  # the cause; the others were stopped because of it
         status = failure.exitcode
