@@ -276,6 +276,18 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"{', '.join(map(str, sampler.image_shape))}) in [-1, 1]")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from genfast.serve import ServeOptions, serve
+    except ImportError as e:
+        raise GenfastError(f"genfast serve needs {e.name}: pip install 'genfast[serve]'") from None
+
+    options = ServeOptions(engine=args.engine, device=args.device, max_batch=args.max_batch,
+                           max_wait_ms=args.max_wait_ms, batching=not args.no_batching, max_n=args.max_n,
+                           max_queue=args.max_queue, timeout_s=args.timeout)
+    serve(args.models, options, host=args.host, port=args.port)
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from genfast import checkpoint
 
@@ -435,6 +447,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", type=Path, required=True, help="the .onnx file")
     p.set_defaults(run=cmd_export)
+
+    p = commands.add_parser("serve", help="an HTTP service (and a web page) that generates images on request")
+    p.add_argument("models", nargs="+", help="shipped model names or checkpoint paths, loaded at start-up")
+    p.add_argument("--engine", type=_engine, default="eager", help="how to run the models (as for sample)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=_positive, default=64, help="images in one forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a request waits for others to share its forward pass")
+    p.add_argument("--no-batching", action="store_true", help="one forward pass per request (for comparison)")
+    p.add_argument("--max-n", type=_positive, default=64, help="images per request")
+    p.add_argument("--max-queue", type=_positive, default=256, help="waiting batches per model before 429")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request before 504")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=cmd_serve)
 
     p = commands.add_parser("models", help="list the shipped models, one per line, name first")
     p.set_defaults(run=cmd_models)

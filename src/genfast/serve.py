@@ -1,0 +1,331 @@
+"""`genfast serve`: an HTTP image-generation service with dynamic batching.
+
+FastAPI on uvicorn. Models are loaded once, at start-up, under short names; a request
+names one of those, never a file. Each model has a `Batcher`: requests that arrive
+together are coalesced into one forward pass of up to `max_batch` images, waiting at
+most `max_wait_ms` for company after the first; the result is split back to the
+requests. A request larger than a batch is cut into chunks. The network runs on one
+worker thread per model, off the event loop, so the server keeps accepting while it
+computes. A request's images are exactly those of `genfast sample` for the same seed
+(image i of a seed has the same noise whatever batch it travels in: Sampler.noise).
+
+Limits: `n` at most `max_n`; at most `max_queue` chunks waiting per model (then 429
+with Retry-After); `timeout_s` per request (then 504); a malformed field is a 422 that
+names it. /metrics serves Prometheus counters of requests, images, batch sizes, queue
+depth and latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import secrets
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from genfast import engines, images, pretrained
+from genfast.errors import GenfastError
+from genfast.families.base import MAX_SEED, Sampler
+
+
+@dataclass
+class ServeOptions:
+    engine: str = "eager"
+    device: str = "cpu"
+    max_batch: int = 64        # images in one forward pass
+    max_wait_ms: float = 5.0   # how long the first request of a batch waits for others
+    batching: bool = True      # False: every chunk is its own forward pass (the baseline)
+    max_n: int = 64            # images per request
+    max_queue: int = 256       # chunks waiting per model before 429
+    timeout_s: float = 30.0    # per request, then 504
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    model: str = Field(description="a name from GET /v1/models")
+    n: int = Field(1, ge=1, description="number of images")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="default: a random seed, returned")
+    class_: int | str | None = Field(None, alias="class", description="class index or name (conditional models)")
+    prompt: str | None = Field(None, max_length=4000, description="text models: what to draw")
+    format: Literal["png", "npz", "json"] = "png"
+
+
+@dataclass
+class _Chunk:
+    """Up to max_batch images of one request, waiting for a forward pass."""
+    noise: torch.Tensor
+    condition: torch.Tensor | None  # class ids (long), prompt embeddings (float) or None
+    done: asyncio.Future
+
+    @property
+    def kind(self) -> tuple:
+        """Chunks batch together when their conditions stack into one tensor."""
+        return (None,) if self.condition is None else (self.condition.dtype, *self.condition.shape[1:])
+
+
+class _Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("genfast_requests", "Generate requests by model and HTTP status",
+                                ["model", "status"], registry=self.registry)
+        self.images = Counter("genfast_images", "Images generated", ["model"], registry=self.registry)
+        self.batch_images = Histogram("genfast_batch_images", "Images per forward pass", ["model"],
+                                      buckets=[2 ** k for k in range(11)], registry=self.registry)
+        self.queue_depth = Gauge("genfast_queue_depth", "Chunks waiting for a forward pass", ["model"],
+                                 registry=self.registry)
+        self.latency = Histogram("genfast_request_seconds", "Time from a request's arrival to its images",
+                                 ["model"], buckets=[.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30],
+                                 registry=self.registry)
+
+
+@dataclass
+class Batcher:
+    """The queue and the forward passes of one model."""
+
+    name: str
+    sampler: Sampler
+    options: ServeOptions
+    metrics: _Metrics
+    queue: deque = field(default_factory=deque)
+    _ready: asyncio.Event | None = None
+    _task: asyncio.Task | None = None
+    _worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
+
+    def start(self) -> None:
+        """The batching loop, on the running event loop (once)."""
+        if self._task is None:
+            self._ready = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def generate(self, noise: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        """Images for these rows of noise (and conditions), in order."""
+        self.start()
+        step = self.options.max_batch
+        loop = asyncio.get_running_loop()
+        chunks = [_Chunk(noise[i:i + step], None if condition is None else condition[i:i + step],
+                         loop.create_future()) for i in range(0, len(noise), step)]
+        if len(self.queue) + len(chunks) > self.options.max_queue:
+            raise HTTPException(429, f"the queue of {self.name} is full; retry shortly",
+                                headers={"Retry-After": "1"})
+        self.queue.extend(chunks)
+        self.metrics.queue_depth.labels(self.name).set(len(self.queue))
+        self._ready.set()
+        try:
+            parts = await asyncio.gather(*(c.done for c in chunks))
+        finally:
+            for chunk in chunks:  # a request that timed out: its chunks are skipped
+                chunk.done.cancel()
+        return torch.cat(parts)
+
+    def _next_batch(self) -> list[_Chunk]:
+        """Queued chunks of one kind, in order, up to max_batch images (at least one chunk)."""
+        batch = [self.queue.popleft()]
+        size = len(batch[0].noise)
+        while self.options.batching and self.queue and self.queue[0].kind == batch[0].kind \
+                and size + len(self.queue[0].noise) <= self.options.max_batch:
+            size += len(self.queue[0].noise)
+            batch.append(self.queue.popleft())
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self.queue:
+                if self.options.batching and self.options.max_wait_ms > 0:
+                    # Company for the first chunk: wait until the batch is full or the time is up.
+                    deadline = loop.time() + self.options.max_wait_ms / 1000
+                    while sum(len(c.noise) for c in self.queue) < self.options.max_batch and loop.time() < deadline:
+                        self._ready.clear()
+                        try:
+                            await asyncio.wait_for(self._ready.wait(), deadline - loop.time())
+                        except TimeoutError:
+                            break
+                batch = [c for c in self._next_batch() if not c.done.done()]
+                self.metrics.queue_depth.labels(self.name).set(len(self.queue))
+                if not batch:
+                    continue
+                try:
+                    pixels = await loop.run_in_executor(self._worker, self._forward, batch)
+                except Exception as e:  # noqa: BLE001 - the requests get the error, the loop goes on
+                    for chunk in batch:
+                        if not chunk.done.done():
+                            chunk.done.set_exception(e)
+                    continue
+                self.metrics.batch_images.labels(self.name).observe(len(pixels))
+                for chunk, part in zip(batch, pixels.split([len(c.noise) for c in batch])):
+                    if not chunk.done.done():
+                        chunk.done.set_result(part)
+
+    def _forward(self, batch: list[_Chunk]) -> torch.Tensor:
+        noise = torch.cat([c.noise for c in batch])
+        condition = None if batch[0].condition is None else torch.cat([c.condition for c in batch])
+        return self.sampler(noise, condition).float().cpu()
+
+
+def model_key(name_or_path: str) -> str:
+    """The name requests use: a shipped model's own, or a checkpoint's run folder (or file) name."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        return str(name_or_path)
+    return path.parent.name if path.stem == "checkpoint" else path.stem
+
+
+def create_app(models: list[str], options: ServeOptions | None = None) -> FastAPI:
+    """The service for these models (shipped names or checkpoint paths), loaded now."""
+    options = options or ServeOptions()
+    for name, value, least in (("--max-batch", options.max_batch, 1), ("--max-n", options.max_n, 1),
+                               ("--max-queue", options.max_queue, 1)):
+        if value < least:
+            raise GenfastError(f"{name} must be at least {least}, got {value}")
+    metrics = _Metrics()
+    batchers: dict[str, Batcher] = {}
+    for model in models:
+        key = model_key(model)
+        if key in batchers:
+            raise GenfastError(f"two models would be served as '{key}'; serve one of them, or rename a run folder")
+        sampler = engines.apply(pretrained.load(model, device=options.device), options.engine)
+        batchers[key] = Batcher(key, sampler, options, metrics)
+    prompts: OrderedDict[str, torch.Tensor] = OrderedDict()  # the embeddings of recent prompts
+
+    app = FastAPI(title="genfast", summary="Image generation with dynamic batching")
+    app.state.batchers = batchers
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return (resources.files("genfast") / "web" / "index.html").read_text()
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "models": len(batchers)}
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    def list_models() -> dict:
+        return {"models": [describe(b) for b in batchers.values()], "max_n": options.max_n}
+
+    def describe(batcher: Batcher) -> dict:
+        sampler = batcher.sampler
+        return {"name": batcher.name, "family": sampler.info.get("family"), "dataset": sampler.info.get("dataset"),
+                "classes": list(sampler.class_names), "text": _is_text(sampler),
+                "image_shape": list(sampler.image_shape), "engine": options.engine}
+
+    @app.post("/v1/generate", responses={200: {"content": {"image/png": {}, "application/zip": {}}}})
+    async def generate(body: GenerateRequest) -> Response:
+        arrived = time.perf_counter()
+        status = 200
+        try:
+            batcher = batchers.get(body.model)
+            if batcher is None:
+                raise _invalid("model", f"unknown model '{body.model}'; this server has: {', '.join(batchers)}")
+            if body.n > options.max_n:
+                raise _invalid("n", f"at most {options.max_n} images a request (--max-n), got {body.n}")
+            seed = secrets.randbelow(MAX_SEED + 1) if body.seed is None else body.seed
+            condition = await _condition(batcher.sampler, body)
+            noise = batcher.sampler.noise(body.n, seed)
+            try:
+                pixels = await asyncio.wait_for(batcher.generate(noise, condition), options.timeout_s)
+            except TimeoutError:
+                raise HTTPException(504, f"no images within {options.timeout_s:g} s (--timeout); the server is "
+                                         f"overloaded, retry later or ask for fewer") from None
+            milliseconds = (time.perf_counter() - arrived) * 1000
+            metrics.images.labels(body.model).inc(body.n)
+            metrics.latency.labels(body.model).observe(milliseconds / 1000)
+            headers = {"X-Genfast-Seed": str(seed), "X-Genfast-Server-Ms": f"{milliseconds:.1f}"}
+            return await asyncio.to_thread(_encode, pixels, body, batcher.sampler, seed, milliseconds, headers,
+                                           condition)
+        except HTTPException as e:
+            status = e.status_code
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            metrics.requests.labels(body.model if body.model in batchers else "unknown", str(status)).inc()
+
+    async def _condition(sampler: Sampler, body: GenerateRequest) -> torch.Tensor | None:
+        if body.prompt is not None:
+            if body.class_ is not None:
+                raise _invalid("prompt", "give a class or a prompt, not both")
+            if not _is_text(sampler):
+                raise _invalid("prompt", f"model '{body.model}' takes classes, not prompts")
+            if body.prompt not in prompts:  # MiniLM: tens of ms, off the event loop
+                from genfast.families.ar import prompt_condition
+
+                prompts[body.prompt] = await asyncio.to_thread(prompt_condition, sampler, body.prompt, 1)
+                while len(prompts) > 1024:
+                    prompts.popitem(last=False)
+            prompts.move_to_end(body.prompt)
+            return prompts[body.prompt].expand(body.n, -1)
+        try:
+            return sampler.labels(body.n, body.class_)
+        except GenfastError as e:
+            raise _invalid("class", str(e)) from None
+
+    @app.exception_handler(GenfastError)
+    async def genfast_error(request: Request, error: GenfastError) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=422)
+
+    return app
+
+
+def _is_text(sampler: Sampler) -> bool:
+    return bool(getattr(getattr(sampler.module, "net", None), "text", False))
+
+
+def _invalid(field_name: str, message: str) -> HTTPException:
+    """A 422 in FastAPI's own shape: which field, and what is wrong with it."""
+    return HTTPException(422, [{"loc": ["body", field_name], "msg": message, "type": "value_error"}])
+
+
+def _encode(pixels: torch.Tensor, body: GenerateRequest, sampler: Sampler, seed: int, milliseconds: float,
+            headers: dict, condition: torch.Tensor | None) -> Response:
+    """The images as a PNG grid, an .npz (uint8 images, labels) or JSON of base64 PNGs."""
+    pixels = images.to_uint8(pixels)
+    if body.format == "png":
+        nrow = sampler.num_classes if (body.class_ is None and body.prompt is None and sampler.conditional
+                                       and body.n % sampler.num_classes == 0) else None
+        return Response(_png(images.make_grid(pixels, nrow)), media_type="image/png", headers=headers)
+    if body.format == "npz":
+        labels = condition if condition is not None and not condition.is_floating_point() else torch.empty(0)
+        buffer = io.BytesIO()
+        np.savez(buffer, images=pixels.numpy(), labels=labels.numpy())
+        return Response(buffer.getvalue(), media_type="application/zip", headers=headers)
+    encoded = [base64.b64encode(_png(image.permute(1, 2, 0).numpy())).decode() for image in pixels]
+    return JSONResponse({"model": body.model, "seed": seed, "n": body.n, "server_ms": round(milliseconds, 1),
+                         "images": encoded}, headers=headers)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    images._pil(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def serve(models: list[str], options: ServeOptions, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    app = create_app(models, options)
+    print(f"serving {', '.join(model_key(m) for m in models)} on http://{host}:{port}/ "
+          f"(engine {options.engine}, batches of up to {options.max_batch} images, "
+          f"{'waiting ' + format(options.max_wait_ms, 'g') + ' ms' if options.batching else 'batching off'})",
+          flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
