@@ -127,7 +127,7 @@ class Gate:
 
 
 def test_a_full_queue_is_a_429_and_a_slow_request_a_504(tiny_gan):
-    app = create_app([str(tiny_gan)], ServeOptions(max_batch=4, max_queue=1, timeout_s=1.0, max_wait_ms=0))
+    app = create_app([str(tiny_gan)], ServeOptions(max_batch=4, max_queue=1, timeout_s=2.0, max_wait_ms=0))
     key = model_key(str(tiny_gan))
     gate = app.state.batchers[key].sampler = Gate(app.state.batchers[key].sampler)
 
@@ -136,8 +136,8 @@ def test_a_full_queue_is_a_429_and_a_slow_request_a_504(tiny_gan):
         async with httpx.AsyncClient(transport=transport, base_url="http://genfast") as client:
             post = lambda n: client.post("/v1/generate", json={"model": key, "n": n, "seed": 1, "format": "npz"})
             running = asyncio.create_task(post(2))   # taken into a forward pass, which waits at the gate
-            await asyncio.sleep(0.2)
-            queued = asyncio.create_task(post(2))    # fills the queue
+            await asyncio.sleep(1.0)
+            queued = asyncio.create_task(post(2))    # fills the queue; its deadline is 1 s after the first's
             await asyncio.sleep(0.2)
             refused = await post(2)                  # no room
             too_big = await post(8)                  # two chunks: no room either
