@@ -106,10 +106,12 @@ class Batcher:
     _worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
 
     def start(self) -> None:
-        """The batching loop, on the running event loop (once)."""
-        if self._task is None:
+        """The batching loop, on the running event loop (once per loop: a test client may
+        bring a new one)."""
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.get_loop() is not loop:
             self._ready = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+            self._task = loop.create_task(self._loop())
 
     async def generate(self, noise: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         """Images for these rows of noise (and conditions), in order."""
