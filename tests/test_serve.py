@@ -200,10 +200,11 @@ def test_the_page_generates_in_headless_chromium(tiny_cgan):
                           for src in sources])
         assert np.array_equal(shown[:, None], offline(tiny_cgan, 5, 7, 3))
 
-        browser.find_element(By.ID, "n").clear()
-        browser.find_element(By.ID, "n").send_keys("0")
+        # The server's refusal is shown, field first (the browser itself stops n < 1 or n > max_n).
+        browser.find_element(By.ID, "seed").clear()
+        browser.find_element(By.ID, "seed").send_keys(str(2**32))
         browser.find_element(By.ID, "generate").click()
-        wait.until(lambda b: "error 422" in b.find_element(By.ID, "status").text)
+        wait.until(lambda b: "error 422: seed:" in b.find_element(By.ID, "status").text)
     finally:
         browser.quit()
         server.should_exit = True
