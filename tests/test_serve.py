@@ -209,3 +209,12 @@ def test_the_page_generates_in_headless_chromium(tiny_cgan):
         browser.quit()
         server.should_exit = True
         thread.join(10)
+
+
+def test_serve_refuses_unknown_or_clashing_models_in_one_line(tiny_gan, capsys):
+    from genfast.cli import main
+
+    assert main(["serve", "gan-cifar"]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["serve", str(tiny_gan), str(tiny_gan)]) == 1
+    assert "two models would be served as" in capsys.readouterr().err

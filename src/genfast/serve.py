@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import secrets
 import time
@@ -113,6 +114,11 @@ class Batcher:
             self._ready = asyncio.Event()
             self._task = loop.create_task(self._loop())
 
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
     async def generate(self, noise: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         """Images for these rows of noise (and conditions), in order."""
         self.start()
@@ -205,7 +211,13 @@ def create_app(models: list[str], options: ServeOptions | None = None) -> FastAP
         batchers[key] = Batcher(key, sampler, options, metrics)
     prompts: OrderedDict[str, torch.Tensor] = OrderedDict()  # the embeddings of recent prompts
 
-    app = FastAPI(title="genfast", summary="Image generation with dynamic batching")
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        for batcher in batchers.values():  # the batching loops end with the server
+            batcher.stop()
+
+    app = FastAPI(title="genfast", summary="Image generation with dynamic batching", lifespan=lifespan)
     app.state.batchers = batchers
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
