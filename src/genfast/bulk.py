@@ -81,8 +81,8 @@ def _generate(spec: dict, out: Path, batch_size: int, device: torch.device, prog
         sampler = engines.apply(pretrained.load(spec["model"], device=device, **spec["settings"]), spec["engine"])
         labels = sampler.labels(spec["n"], spec["class"]) if condition is None else condition[:1].expand(spec["n"], -1)
         share = sum(_span(spec, k)[1] - _span(spec, k)[0] for k in mine)
-        where = f" (process {here.rank} of {here.size})" if here.size > 1 else ""
-        with tqdm(total=share, desc=f"sampling{where}", unit="img", disable=not progress) as bar:
+        where = f" (process 0's share; {here.size} processes)" if here.size > 1 else ""
+        with tqdm(total=share, desc=f"sampling{where}", unit="img", disable=not (progress and here.main)) as bar:
             for k in mine:
                 written += _write_shard(out, spec, k, sampler, labels, batch_size, bar)
     distributed.barrier()
