@@ -454,8 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=_positive, default=64, help="images in one forward pass")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long a request waits for others to share its forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="how long a request waits for others to share its forward pass (default 0: a pass takes what queued during the last one)")
     p.add_argument("--no-batching", action="store_true", help="one forward pass per request (for comparison)")
     p.add_argument("--max-n", type=_positive, default=64, help="images per request")
     p.add_argument("--max-queue", type=_positive, default=256, help="waiting batches per model before 429")

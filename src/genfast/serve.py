@@ -47,7 +47,7 @@ class ServeOptions:
     engine: str = "eager"
     device: str = "cpu"
     max_batch: int = 64        # images in one forward pass
-    max_wait_ms: float = 5.0   # how long the first request of a batch waits for others
+    max_wait_ms: float = 0.0   # how long the first request of a batch waits for others (0: batches are what queued during the last pass)
     batching: bool = True      # False: every chunk is its own forward pass (the baseline)
     max_n: int = 64            # images per request
     max_queue: int = 256       # chunks waiting per model before 429
