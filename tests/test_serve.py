@@ -112,6 +112,26 @@ def test_each_malformed_field_is_a_422_that_names_it(tiny_cgan, body, field):
                for detail in response.json()["detail"]), response.json()
 
 
+def test_prompts_and_classes_of_a_text_model_batch_apart_and_match_offline(tiny_text_ar):
+    from genfast.families.ar import prompt_condition
+
+    app = create_app([str(tiny_text_ar)], ServeOptions(max_wait_ms=100))
+    key = model_key(str(tiny_text_ar))
+    asks = [{"model": key, "n": 3, "seed": 2, "prompt": "a small boot", "format": "npz"},
+            {"model": key, "n": 2, "seed": 3, "class": 1, "format": "npz"},
+            {"model": key, "n": 2, "seed": 4, "prompt": "", "format": "npz"}]
+    responses = call(app, *(("POST", "/v1/generate", ask) for ask in asks))
+    sampler = pretrained.load(tiny_text_ar)
+    expected = [sampler.generate(3, seed=2, condition=prompt_condition(sampler, "a small boot", 3)),
+                sampler.generate(2, seed=3, class_index=1),
+                sampler.generate(2, seed=4, condition=prompt_condition(sampler, "", 2))]
+    for response, images_of in zip(responses, expected):
+        assert response.status_code == 200
+        assert np.array_equal(np.load(io.BytesIO(response.content))["images"], images.to_uint8(images_of).numpy())
+    both, = call(app, ("POST", "/v1/generate", {"model": key, "prompt": "a boot", "class": 1}))
+    assert both.status_code == 422 and both.json()["detail"][0]["loc"] == ["body", "prompt"]
+
+
 class Gate:
     """A sampler whose forward passes wait until the test opens the gate."""
 
