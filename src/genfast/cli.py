@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -532,8 +533,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"genfast: error: {e}", file=sys.stderr)
         return 1
     except GenfastError as e:
-        if speaks:
-            print(f"genfast: error: {e}", file=sys.stderr)
+        if not speaks:
+            # Rank 0 almost always meets the same error, and the agent then stops this
+            # process during the pause: the message is printed once, not once a process.
+            time.sleep(2)
+        print(f"genfast: error{'' if speaks else f' (process {distributed.world().rank})'}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         if speaks and not isinstance(e, distributed.Interrupted):
