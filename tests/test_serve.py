@@ -11,11 +11,13 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+pytest.importorskip("fastapi", reason="genfast serve needs the [serve] extra")
+import httpx  # noqa: E402
 
 from genfast import images, pretrained
 from genfast.families.base import Sampler
@@ -147,7 +149,7 @@ class Gate:
 
 
 def test_a_full_queue_is_a_429_and_a_slow_request_a_504(tiny_gan):
-    app = create_app([str(tiny_gan)], ServeOptions(max_batch=4, max_queue=1, timeout_s=2.0, max_wait_ms=0))
+    app = create_app([str(tiny_gan)], ServeOptions(max_batch=4, max_queue=2, timeout_s=2.0, max_wait_ms=0))
     key = model_key(str(tiny_gan))
     gate = app.state.batchers[key].sampler = Gate(app.state.batchers[key].sampler)
 
@@ -157,19 +159,20 @@ def test_a_full_queue_is_a_429_and_a_slow_request_a_504(tiny_gan):
             post = lambda n: client.post("/v1/generate", json={"model": key, "n": n, "seed": 1, "format": "npz"})
             running = asyncio.create_task(post(2))   # taken into a forward pass, which waits at the gate
             await asyncio.sleep(1.0)
-            queued = asyncio.create_task(post(2))    # fills the queue; its deadline is 1 s after the first's
+            queued = asyncio.create_task(post(8))    # two chunks fill the queue; its deadline is 1 s later
             await asyncio.sleep(0.2)
             refused = await post(2)                  # no room
-            too_big = await post(8)                  # two chunks: no room either
+            too_big = await post(12)                 # three chunks: more than the queue ever holds
             timed_out = await running                # the gate stays shut past the timeout
             gate.open.set()
             return refused, too_big, timed_out, await queued
 
     refused, too_big, timed_out, queued = asyncio.run(scenario())
-    assert refused.status_code == too_big.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert too_big.status_code == 422 and too_big.json()["detail"][0]["loc"] == ["body", "n"]
     assert timed_out.status_code == 504 and "timeout" in timed_out.json()["detail"]
     assert queued.status_code == 200  # once the gate opened, within its own timeout
-    assert np.array_equal(np.load(io.BytesIO(queued.content))["images"], offline(tiny_gan, 2, 1))
+    assert np.array_equal(np.load(io.BytesIO(queued.content))["images"], offline(tiny_gan, 8, 1))
     response, = call(app, ("POST", "/v1/generate", {"model": key, "n": 2, "seed": 1, "format": "npz"}))
     assert response.status_code == 200  # the server recovers
     assert np.array_equal(np.load(io.BytesIO(response.content))["images"], offline(tiny_gan, 2, 1))

@@ -11,6 +11,7 @@ record is:
     DIR/shard_000000.npz ...        npz: a shard's images (uint8, (k, C, H, W)), labels, index
     DIR/manifest.d/shard_*.json     a finished shard: its first index, count and sha256
     DIR/manifest.json               the job; once complete, also every shard's record
+                                    (until then "complete" is absent)
 
 Image i is drawn from the noise of index i (`Sampler.noise`) in a shard of the same
 images whatever N is, so the folder's images do not depend on N (byte-for-byte, on the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -85,17 +87,13 @@ def _generate(spec: dict, out: Path, batch_size: int, device: torch.device, prog
         with tqdm(total=share, desc=f"sampling{where}", unit="img", disable=not (progress and here.main)) as bar:
             for k in mine:
                 written += _write_shard(out, spec, k, sampler, labels, batch_size, bar)
-    distributed.barrier()
+    distributed.barrier()  # every shard is written (a process that failed has ended the job)
     if here.main:
         records = _recorded(out)
-        complete = len(records) == len(shards)
-        write_bytes(out / MANIFEST, _json(spec | {"complete": complete,
+        write_bytes(out / MANIFEST, _json(spec | {"complete": True,
                                                   "images": sum(r["count"] for r in records.values()),
                                                   "shards": [records[k] for k in sorted(records)]}))
-        if complete:  # the manifest now holds every record
-            for path in (out / RECORDS).glob("shard_*.json"):
-                path.unlink()
-            (out / RECORDS).rmdir()
+        shutil.rmtree(out / RECORDS, ignore_errors=True)  # the manifest now holds every record
     return written, already
 
 

@@ -25,6 +25,10 @@ from genfast.families.base import MAX_SEED
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, like every other error."""
 
+    def __init__(self, *args, **kwargs):
+        # No abbreviations: --nproc is taken off the started processes' command line by name.
+        super().__init__(*args, **kwargs | {"allow_abbrev": False})
+
     def error(self, message: str):
         self.exit(2, f"genfast: error: {message} (see '{self.prog} --help')\n")
 
@@ -281,7 +285,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         from genfast.serve import ServeOptions, serve
     except ImportError as e:
-        raise GenfastError(f"genfast serve needs {e.name}: pip install 'genfast[serve]'") from None
+        raise GenfastError(f"genfast serve needs {e.name or e}: pip install 'genfast[serve]'") from None
 
     options = ServeOptions(engine=args.engine, device=args.device, max_batch=args.max_batch,
                            max_wait_ms=args.max_wait_ms, batching=not args.no_batching, max_n=args.max_n,
@@ -538,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
             # process during the pause: the message is printed once, not once a process.
             time.sleep(2)
         print(f"genfast: error{'' if speaks else f' (process {distributed.world().rank})'}: {e}", file=sys.stderr)
-        return 1
+        # One of several processes tells the launcher it was a user error (said above), not a crash.
+        return distributed.USER_ERROR if distributed.world().size > 1 else 1
     except KeyboardInterrupt as e:
         if speaks and not isinstance(e, distributed.Interrupted):
             print(f"genfast: interrupted{'; ' + str(e) if str(e) else ''}; files already written are kept",

@@ -121,12 +121,17 @@ def without_option(argv: list[str], option: str) -> list[str]:
     return kept
 
 
+# The exit status of one of several processes that met a user error (and said so), told
+# apart from a crash's 1 by the launcher.
+USER_ERROR = 3
+
+
 class ProcessFailed(GenfastError):
     """One of the started processes stopped with an error (its own message is above)."""
 
     def __init__(self, message: str, user_error: bool):
         super().__init__(message)
-        self.user_error = user_error  # status 1: genfast already said what was wrong
+        self.user_error = user_error  # genfast already said what was wrong
 
 
 class Interrupted(KeyboardInterrupt):
@@ -159,4 +164,4 @@ def launch(nproc: int, argv: list[str]) -> None:
         how = (f"was killed by {signal.Signals(-status).name}" if status < 0 and -status in signal.valid_signals()
                else f"exited with status {status}")
         raise ProcessFailed(f"process {rank} of {nproc} {how}, and the others were stopped",
-                            user_error=status == 1) from None
+                            user_error=status == USER_ERROR) from None

@@ -6,8 +6,10 @@ together are coalesced into one forward pass of up to `max_batch` images, waitin
 most `max_wait_ms` for company after the first; the result is split back to the
 requests. A request larger than a batch is cut into chunks. The network runs on one
 worker thread per model, off the event loop, so the server keeps accepting while it
-computes. A request's images are exactly those of `genfast sample` for the same seed
-(image i of a seed has the same noise whatever batch it travels in: Sampler.noise).
+computes. A request's images are those of `genfast sample` for the same seed: image i of
+a seed has the same noise whatever batch it travels in (Sampler.noise), and the results
+agree up to the rounding that depends on the batch size (a pixel may differ by one level;
+an ar model may, rarely, sample a near-tie token the other way: BENCHMARKS.md).
 
 Limits: `n` at most `max_n`; at most `max_queue` chunks waiting per model (then 429
 with Retry-After); `timeout_s` per request (then 504); a malformed field is a 422 that
@@ -98,7 +100,8 @@ class Batcher:
     """The queue and the forward passes of one model."""
 
     name: str
-    sampler: Sampler
+    sampler: Sampler   # with the engine applied: what the forward passes run
+    plain: Sampler     # as loaded: what the model is (text or not) and how prompts are encoded
     options: ServeOptions
     metrics: _Metrics
     queue: deque = field(default_factory=deque)
@@ -110,7 +113,7 @@ class Batcher:
         """The batching loop, on the running event loop (once per loop: a test client may
         bring a new one)."""
         loop = asyncio.get_running_loop()
-        if self._task is None or self._task.get_loop() is not loop:
+        if self._task is None or self._task.get_loop() is not loop or self._task.done():
             self._ready = asyncio.Event()
             self._task = loop.create_task(self._loop())
 
@@ -126,6 +129,10 @@ class Batcher:
         loop = asyncio.get_running_loop()
         chunks = [_Chunk(noise[i:i + step], None if condition is None else condition[i:i + step],
                          loop.create_future()) for i in range(0, len(noise), step)]
+        if len(chunks) > self.options.max_queue:
+            raise _invalid("n", f"{len(noise)} images need {len(chunks)} passes of --max-batch "
+                                f"{self.options.max_batch}, more than the queue holds (--max-queue "
+                                f"{self.options.max_queue}); ask for fewer")
         if len(self.queue) + len(chunks) > self.options.max_queue:
             raise HTTPException(429, f"the queue of {self.name} is full; retry shortly",
                                 headers={"Retry-After": "1"})
@@ -133,10 +140,13 @@ class Batcher:
         self.metrics.queue_depth.labels(self.name).set(len(self.queue))
         self._ready.set()
         try:
-            parts = await asyncio.gather(*(c.done for c in chunks))
+            parts = await asyncio.gather(*(c.done for c in chunks), return_exceptions=True)
         finally:
             for chunk in chunks:  # a request that timed out: its chunks are skipped
                 chunk.done.cancel()
+        for part in parts:  # every chunk's outcome is collected; the first failure is the request's
+            if isinstance(part, BaseException):
+                raise part
         return torch.cat(parts)
 
     def _next_batch(self) -> list[_Chunk]:
@@ -207,8 +217,8 @@ def create_app(models: list[str], options: ServeOptions | None = None) -> FastAP
         key = model_key(model)
         if key in batchers:
             raise GenfastError(f"two models would be served as '{key}'; serve one of them, or rename a run folder")
-        sampler = engines.apply(pretrained.load(model, device=options.device), options.engine)
-        batchers[key] = Batcher(key, sampler, options, metrics)
+        plain = pretrained.load(model, device=options.device)
+        batchers[key] = Batcher(key, engines.apply(plain, options.engine), plain, options, metrics)
     prompts: OrderedDict[str, torch.Tensor] = OrderedDict()  # the embeddings of recent prompts
 
     @contextlib.asynccontextmanager
@@ -237,7 +247,7 @@ def create_app(models: list[str], options: ServeOptions | None = None) -> FastAP
         return {"models": [describe(b) for b in batchers.values()], "max_n": options.max_n}
 
     def describe(batcher: Batcher) -> dict:
-        sampler = batcher.sampler
+        sampler = batcher.plain
         return {"name": batcher.name, "family": sampler.info.get("family"), "dataset": sampler.info.get("dataset"),
                 "classes": list(sampler.class_names), "text": _is_text(sampler),
                 "image_shape": list(sampler.image_shape), "engine": options.engine}
@@ -253,7 +263,7 @@ def create_app(models: list[str], options: ServeOptions | None = None) -> FastAP
             if body.n > options.max_n:
                 raise _invalid("n", f"at most {options.max_n} images a request (--max-n), got {body.n}")
             seed = secrets.randbelow(MAX_SEED + 1) if body.seed is None else body.seed
-            condition = await _condition(batcher.sampler, body)
+            condition = await _condition(batcher.plain, body)
             noise = batcher.sampler.noise(body.n, seed)
             try:
                 pixels = await asyncio.wait_for(batcher.generate(noise, condition), options.timeout_s)

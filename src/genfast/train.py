@@ -76,8 +76,10 @@ def _step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 def _epoch_order(train_size: int, seed: int, epoch: int, here: distributed.World) -> torch.Tensor:
     """This process's rows of epoch `epoch`: the shuffled order's rows rank, rank + N, ..."""
+    # The sampler shuffles with seed + epoch; spread the seeds so that (seed, epoch + 1)
+    # is not (seed + 1, epoch).
     sampler = DistributedSampler(range(train_size), num_replicas=here.size, rank=here.rank, shuffle=True,
-                                 seed=seed, drop_last=True)
+                                 seed=seed * 1_000_003, drop_last=True)
     sampler.set_epoch(epoch)
     return torch.tensor(list(sampler))
 
@@ -357,6 +359,7 @@ def _train(family_name: str, options: TrainOptions, preset: str, toml_path: Path
                 if stop:
                     if done > last_saved and here.main:
                         save(done)
+                    distributed.barrier()  # none ends (and gets rank 0 stopped) before the save
                     raise KeyboardInterrupt(f"checkpoint saved at step {done} in {ckpt_path}; continue with --resume")
         finally:
             bar.close()
