@@ -94,6 +94,19 @@ def test_two_processes_train_like_one_and_resume_at_the_other_world_size(tmp_pat
         assert_same_weights(weights(run), weights(one))
 
 
+def test_the_transformer_trains_on_two_processes(tiny_vqvae, tmp_path: Path):
+    """ar calls its GPT's forward through DDP and its own methods on the bare network."""
+    run = tmp_path / "ar"
+    genfast("train", "ar", "--data", "fake", "--preset", "tiny", f"tokenizer={tiny_vqvae}", "--conditional",
+            "--steps", 4, "--out", run, "--nproc", 2, "-q")
+    from genfast import pretrained
+
+    saved = checkpoint.load(run / "checkpoint.safetensors")
+    assert saved.step == 4 and saved.extra["processes"] == 2
+    pixels = pretrained.load(run / "checkpoint.safetensors").generate(3, seed=0)
+    assert pixels.shape == (3, 1, 28, 28) and bool(torch.isfinite(pixels).all())
+
+
 def test_a_killed_training_process_stops_the_job_and_the_checkpoint_resumes(tmp_path: Path):
     run = tmp_path / "gan"
     job = start("train", "gan", "--data", "fake", "--preset", "tiny", "--steps", 100_000, "--checkpoint-every", 10,
