@@ -69,8 +69,10 @@ def generate(spec: dict, out: Path, batch_size: int = 256, device: str = "cpu", 
 def _generate(spec: dict, out: Path, batch_size: int, device: torch.device, progress: bool,
               condition: torch.Tensor | None, here: distributed.World) -> tuple[int, int]:
     _check_folder(out, spec)  # every process reads and refuses alike: none is left waiting
-    if here.main:
-        _keep_intact(out, spec)
+    _keep_intact(out, spec, here)
+    distributed.barrier()
+    if here.main:  # the bare job until the run completes
+        write_bytes(out / MANIFEST, _json(spec))
     distributed.barrier()
     finished = _recorded(out)
     distributed.barrier()  # every process has its list before any writes
@@ -189,12 +191,16 @@ def _recorded(out: Path) -> dict[int, dict]:
     return records
 
 
-def _keep_intact(out: Path, spec: dict) -> None:
-    """Rank 0, before a run: the records of shards whose files are all there with their
-    checksum become record files; the others are dropped (their shards are made again).
-    The manifest is the bare job until the run completes."""
-    ensure_dir(out / RECORDS)
+def _keep_intact(out: Path, spec: dict, here: distributed.World) -> None:
+    """Before a run, each process checks its share of the finished shards: a shard whose
+    files are all there with their checksum keeps a record file; the others lose theirs
+    (and are made again)."""
+    if here.main:
+        ensure_dir(out / RECORDS)
+    distributed.barrier()
     for shard, record in _recorded(out).items():
+        if shard % here.size != here.rank:
+            continue
         path = out / RECORDS / f"shard_{shard:06d}.json"
         files = _files(out, spec, shard)
         if all(f.exists() for f in files) and _sha256(files) == record["sha256"]:
@@ -202,4 +208,3 @@ def _keep_intact(out: Path, spec: dict) -> None:
                 write_bytes(path, _json(record))
         else:
             path.unlink(missing_ok=True)
-    write_bytes(out / MANIFEST, _json(spec))
