@@ -128,8 +128,7 @@ def _write_shard(out: Path, spec: dict, shard: int, sampler, labels: torch.Tenso
     pixels = torch.cat(batches)
     files = _files(out, spec, shard)
     if spec["format"] == "png":
-        for array, path in zip(pixels.permute(0, 2, 3, 1).numpy(), files):
-            images.save_png(array, path, durable=False)
+        images.save_each(pixels, files)
     else:
         class_labels = labels is not None and not labels.is_floating_point()
         _write_npz(files[0], images=pixels.numpy(), index=np.arange(start, end),

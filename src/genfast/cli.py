@@ -224,11 +224,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for kind, scores in result.get("prompt_accuracy", {}).items():
         print(f"prompt accuracy, {kind.replace('_', ' ')}: {scores['accuracy']:.4f} "
               f"({len(scores['per_prompt'])} prompts x {args.per_prompt} images)")
-    if args.json:
+    _write_json(args.json, result)
+
+
+def _write_json(path: Path | None, result: dict) -> None:
+    """eval's --json: the results as one JSON file (nothing without --json)."""
+    if path:
         from genfast.fileio import write_bytes
 
-        write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
-        print(f"wrote {args.json}")
+        write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
+        print(f"wrote {path}")
 
 
 def _eval_tokenizer(args: argparse.Namespace) -> None:
@@ -242,11 +247,7 @@ def _eval_tokenizer(args: argparse.Namespace) -> None:
     print(f"FID {result['fid']:.3f} ± {result['fid_std']:.3f} (real train vs test: {result['real_fid']:.3f}), "
           f"KID {result['kid']:.4f}, PSNR {result['psnr_db']:.2f} dB, {result['codebook_usage']:.1%} of the codebook "
           f"used, perplexity {result['perplexity']:.1f}")
-    if args.json:
-        from genfast.fileio import write_bytes
-
-        write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
-        print(f"wrote {args.json}")
+    _write_json(args.json, result)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

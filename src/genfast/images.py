@@ -6,6 +6,7 @@ so an interrupted or failed write never leaves half a file where a good one was.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -79,10 +80,14 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, scale: 
     save_png(make_grid(to_uint8(images), nrow), path, scale=scale)
 
 
-def save_each(images: torch.Tensor, folder: Path, start: int = 0) -> list[Path]:
-    """[-1, 1] images -> one PNG per image, numbered from `start` (000000.png, ...)."""
-    pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
-    paths = [Path(folder) / f"{start + i:06d}.png" for i in range(len(pixels))]
-    for array, path in zip(pixels, paths):
+def save_each(pixels: torch.Tensor, paths: list[Path]) -> None:
+    """uint8 (N, C, H, W) -> one PNG per image at `paths` (bulk output: no fsync each)."""
+    for array, path in zip(pixels.permute(0, 2, 3, 1).numpy(), paths):
         save_png(array, path, durable=False)
-    return paths
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """A (H, W, C) uint8 array as the bytes of a PNG file (what a server sends)."""
+    buffer = io.BytesIO()
+    _pil(array).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -327,21 +327,15 @@ def _encode(pixels: torch.Tensor, body: GenerateRequest, sampler: Sampler, seed:
     if body.format == "png":
         nrow = sampler.num_classes if (body.class_ is None and body.prompt is None and sampler.conditional
                                        and body.n % sampler.num_classes == 0) else None
-        return Response(_png(images.make_grid(pixels, nrow)), media_type="image/png", headers=headers)
+        return Response(images.png_bytes(images.make_grid(pixels, nrow)), media_type="image/png", headers=headers)
     if body.format == "npz":
         labels = condition if condition is not None and not condition.is_floating_point() else torch.empty(0)
         buffer = io.BytesIO()
         np.savez(buffer, images=pixels.numpy(), labels=labels.numpy())
         return Response(buffer.getvalue(), media_type="application/zip", headers=headers)
-    encoded = [base64.b64encode(_png(image.permute(1, 2, 0).numpy())).decode() for image in pixels]
+    encoded = [base64.b64encode(images.png_bytes(image.permute(1, 2, 0).numpy())).decode() for image in pixels]
     return JSONResponse({"model": body.model, "seed": seed, "n": body.n, "server_ms": round(milliseconds, 1),
                          "images": encoded}, headers=headers)
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    images._pil(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def serve(models: list[str], options: ServeOptions, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -321,7 +321,7 @@ def _train(family_name: str, options: TrainOptions, preset: str, toml_path: Path
                                                config)
                 # Every process logs and judges the global batch's mean losses, and stops at
                 # the same step when any of them was asked to.
-                losses, stop = _mean_over_processes(losses, bool(stop_requested), device)
+                losses, stop = _mean_over_processes(losses, bool(stop_requested), device, here.size)
                 t2 = time.perf_counter()
                 data_seconds += t1 - t0
                 step_seconds += t2 - t1
@@ -368,12 +368,12 @@ def _train(family_name: str, options: TrainOptions, preset: str, toml_path: Path
     return ckpt_path
 
 
-def _mean_over_processes(losses: dict[str, float], stop: bool, device: torch.device) -> tuple[dict[str, float], bool]:
-    """The losses averaged over the processes (their batches are equal shares of the global
-    one), and whether any process was asked to stop; as they are in a world of one."""
-    if distributed.world().size == 1:
+def _mean_over_processes(losses: dict[str, float], stop: bool, device: torch.device,
+                         size: int) -> tuple[dict[str, float], bool]:
+    """The losses averaged over the `size` processes (their batches are equal shares of the
+    global one), and whether any process was asked to stop; as they are in a world of one."""
+    if size == 1:
         return losses, stop
     values = distributed.sum_over_ranks(torch.tensor([*losses.values(), float(stop)], dtype=torch.float64,
                                                      device=device)).tolist()
-    size = distributed.world().size
     return {key: value / size for key, value in zip(losses, values)}, values[-1] > 0
