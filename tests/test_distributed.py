@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from genfast import bulk, checkpoint, distributed
+from genfast import bulk, checkpoint, distributed, images
 from genfast.cli import main
 from genfast.errors import GenfastError
-from genfast.families.base import NOISE_BLOCK
+from genfast.seeding import NOISE_BLOCK
 from genfast.train import TrainOptions, _train, train
 
 # One thread a process: the two processes then do the same arithmetic as one process
@@ -159,6 +159,9 @@ def test_two_processes_generate_what_one_does_and_a_killed_job_completes(tiny_cg
     shards = [np.load(tmp_path / "fresh" / f"shard_{k:06d}.npz") for k in range(60)]
     assert np.concatenate([s["index"] for s in shards]).tolist() == list(range(60_000))
     assert np.concatenate([s["labels"] for s in shards]).tolist() == [i % 10 for i in range(60_000)]
+    # Every image a fresh draw: 60,000 different images, and each shard's record says so.
+    assert len({digest for s in shards for digest in images.digests(torch.from_numpy(s["images"]))}) == 60_000
+    assert all(record["distinct"] == record["count"] for record in reference["shards"])
 
 
 def manifest(folder: Path) -> dict:

@@ -147,3 +147,29 @@ def test_eval_real_accuracy_equals_the_judges_recorded_accuracy():
     result = metrics.evaluate(genfast.load("cgan-fashion-mnist"), n=600, progress=False)
     assert result["real_accuracy"] == pytest.approx(result["classifier_test_accuracy"], abs=1e-9)
     assert 0.5 < result["accuracy"] <= 1  # the shipped cGAN's samples are mostly of the asked class
+
+
+def test_the_judge_keeps_every_feature_alive_and_reports_the_dead_ones(tiny_classifier):
+    ckpt = checkpoint.load(tiny_classifier)
+    family, config, modules = load_modules(ckpt)
+    test = data.load("fake", "test")
+    x = images.to_float(test.images)
+    assert config.feature_norm and ckpt.extra["test"]["dead_features"] == 0.0  # BatchNorm keeps all 16 alive
+    with torch.no_grad():
+        modules["classifier"].fc.bias[:4] = -1e6  # four units no image can wake
+    assert family.evaluate(modules, config, x, test.labels)["dead_features"] == 4 / 16
+
+
+def test_a_judge_saved_before_feature_norm_loads_as_it_was(tmp_path: Path):
+    """A config without the key (every judge saved before it) builds the layer without BatchNorm."""
+    from genfast.config import from_dict
+    from genfast.families.classifier import ClassifierConfig, ClassifierNet
+
+    old = checkpoint.load(genfast.shipped()["classifier-mnist"])
+    config = {k: v for k, v in old.config.items() if k != "feature_norm"}
+    net = ClassifierNet(from_dict(ClassifierConfig, config | {"feature_norm": False}))
+    path = tmp_path / "old.safetensors"
+    checkpoint.save(checkpoint.Checkpoint(family="classifier", config=config, dataset=old.dataset, step=1,
+                                          modules={"classifier": net.state_dict()}), path)
+    judge = metrics.load_judge("mnist", str(path))
+    assert isinstance(judge.net.feature_norm, torch.nn.Identity)

@@ -9,7 +9,7 @@ record is:
 
     DIR/000000.png ...              png: one file per image, named by its index
     DIR/shard_000000.npz ...        npz: a shard's images (uint8, (k, C, H, W)), labels, index
-    DIR/manifest.d/shard_*.json     a finished shard: its first index, count and sha256
+    DIR/manifest.d/shard_*.json     a finished shard: its first index, count, distinct images, sha256
     DIR/manifest.json               the job; once complete, also every shard's record
                                     (until then "complete" is absent)
 
@@ -133,7 +133,10 @@ def _write_shard(out: Path, spec: dict, shard: int, sampler, labels: torch.Tenso
         class_labels = labels is not None and not labels.is_floating_point()
         _write_npz(files[0], images=pixels.numpy(), index=np.arange(start, end),
                    labels=labels[start:end].numpy() if class_labels else np.array([], dtype=np.int64))
-    record = {"shard": shard, "start": start, "count": end - start, "sha256": _sha256(files)}
+    # "distinct": how many different images the shard holds (a repeating noise stream, or a
+    # collapsed model, shows here first).
+    record = {"shard": shard, "start": start, "count": end - start, "distinct": len(set(images.digests(pixels))),
+              "sha256": _sha256(files)}
     write_bytes(out / RECORDS / f"shard_{shard:06d}.json", _json(record))  # last: the shard is now finished
     return end - start
 

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 
-from genfast import data, distributed, engines, images, memory, pretrained
+from genfast import data, distributed, engines, images, memory, pretrained, seeding
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError, GenfastWarning
 from genfast.families import FAMILIES, get_family
-from genfast.families.base import MAX_SEED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,8 +37,8 @@ def _seed(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}, got {value}")
+    if not 0 <= value <= seeding.MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {seeding.MAX_SEED}, got {value}")
     return value
 
 
@@ -212,8 +211,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         result["prompt_accuracy"] = metrics.prompt_accuracy(sampler, args.per_prompt, args.seed, args.classifier,
                                                             args.device, progress=not args.quiet)
     print(f"{args.model} ({args.engine} engine) on {result['dataset']} ({result['data_source']}), "
-          f"judged by {result['classifier']}")
-    print(f"| metric | generated (n={result['n']}) | real train (n={result['n_real_train']}) |")
+          f"judged by {result['classifier']} ({result['classifier_dead_features']:.0%} of its features dead)")
+    copies = result["n"] - result["distinct_images"]
+    duplicates = f", {copies} of them copies of others" if copies else ""
+    print(f"| metric | generated (n={result['n']}{duplicates}) | real train (n={result['n_real_train']}) |")
     print("| --- | ---: | ---: |")
     print(f"| FID vs test split (n={result['n_test']}) | {result['fid']:.3f} ± {result['fid_std']:.3f} "
           f"| {result['real_fid']:.3f} ± {result['real_fid_std']:.3f} |")
@@ -307,8 +308,10 @@ def cmd_models(args: argparse.Namespace) -> None:
             classes = f"tokenizer, {config['codebook_size']} codes"
         else:
             classes = f"{config['num_classes']} classes" if config.get("conditional") else "unconditional"
-        if "accuracy" in test:  # a classifier: its held-out accuracy is what matters
+        if "accuracy" in test:  # a classifier: its held-out accuracy, and how much of its feature space lives
             classes += f", test accuracy {test['accuracy']:.4f}"
+            if "dead_features" in test:
+                classes += f", {test['dead_features']:.0%} of features dead"
         if "psnr_db" in test:  # a tokenizer: how well it reconstructs held-out images
             classes += f", test PSNR {test['psnr_db']:.1f} dB, {test['codebook_usage']:.0%} of codes used"
         print(f"{name}\t{header['family']}\t{header['dataset']['name']}\t{classes}\tstep {header['step']}"

@@ -6,6 +6,7 @@ so an interrupted or failed write never leaves half a file where a good one was.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -27,6 +28,13 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, H, W) -> [-1, 1] float32, the range every family trains on."""
     return images.float() / 127.5 - 1
+
+
+def digests(rows: torch.Tensor) -> list[bytes]:
+    """A 16-byte hash of each row (image, noise vector) of `rows`: equal rows, equal hashes;
+    how duplicates are counted without keeping the rows."""
+    flat = rows.detach().cpu().contiguous().reshape(len(rows), -1).numpy()
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat]
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:

@@ -3,7 +3,9 @@
 No Inception weights exist offline, so the judge is the small CNN trained on the
 same data set (families/classifier.py): its 256-feature penultimate layer is the
 space in which FID and KID compare generated images with the held-out test split,
-and its predictions give the class accuracy of conditional samples.
+and its predictions give the class accuracy of conditional samples. The share of
+that layer's units that are zero on every test image is reported with every score:
+a dead unit is a dimension FID does not see.
 
 Features are computed once per image set (and put in units of the test split's
 RMS, a constant per data set); torchmetrics then computes FID and KID from them (its `feature=` module is a pass-through that announces the feature
@@ -28,10 +30,11 @@ from tqdm import tqdm
 # torchmetrics warns that KID keeps every feature in memory: 10,000 x 256 doubles is 20 MB.
 warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save all extracted features")
 
-from genfast import checkpoint, data, images, pretrained
+from genfast import checkpoint, data, images, pretrained, seeding
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import Sampler
+from genfast.families.classifier import dead_share
 
 BOOTSTRAP_ROUNDS = 10
 KID_SUBSET = 1000
@@ -121,20 +124,30 @@ def _in_real_units(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor
     return real / scale, fake / scale
 
 
+def _frechet(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID between two feature sets already in real units, via torchmetrics."""
+    fid = FrechetInceptionDistance(feature=PassThrough(real.shape[1]))
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    return float(fid.compute())
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID alone (in the units of `fid_kid`'s)."""
+    return _frechet(*_in_real_units(real, fake))
+
+
 def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict[str, float]:
     """FID and KID (mean and std over subsets) between two feature sets, via torchmetrics."""
     real, fake = _in_real_units(real, fake)
     d = real.shape[1]
-    fid = FrechetInceptionDistance(feature=PassThrough(d))
-    fid.update(real, real=True)
-    fid.update(fake, real=False)
     kid = KernelInceptionDistance(feature=PassThrough(d), subset_size=min(KID_SUBSET, len(real), len(fake)))
     kid.update(real, real=True)
     kid.update(fake, real=False)
     with torch.random.fork_rng():  # KID draws its subsets from the global generator
-        torch.manual_seed(seed)
+        seeding.seed_generator(torch.default_generator, seed, "kid-subsets")
         kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+    return {"fid": _frechet(real, fake), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
 def bootstrap_fid_std(real: torch.Tensor, fake: torch.Tensor, seed: int = 0,
@@ -142,14 +155,11 @@ def bootstrap_fid_std(real: torch.Tensor, fake: torch.Tensor, seed: int = 0,
     """The spread of FID when the generated set is resampled with replacement: two
     models whose FIDs differ by much less than this cannot be told apart."""
     real, fake = _in_real_units(real, fake)
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeding.generator(seed, "fid-bootstrap")
     values = []
     for _ in range(rounds):
         pick = torch.randint(0, len(fake), (len(fake),), generator=generator)
-        fid = FrechetInceptionDistance(feature=PassThrough(real.shape[1]))
-        fid.update(real, real=True)
-        fid.update(fake[pick], real=False)
-        values.append(float(fid.compute()))
+        values.append(_frechet(real, fake[pick]))
     mean = sum(values) / rounds
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (rounds - 1))
 
@@ -167,8 +177,26 @@ def _train_features(judge: Judge, train: data.ImageSet, n: int, seed: int, batch
                     progress: bool) -> torch.Tensor:
     """The scale of every score: features of n real training images (capped by the
     split's size), picked by `seed`, to set against the same test split."""
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    pick = torch.randperm(len(train), generator=seeding.generator(seed, "real-train-pick"))[:n]
     return judge.embed(_batches(train.images[pick], batch_size), len(pick), "features: train split", progress)[0]
+
+
+def _check_distinct_noise(sampler: Sampler, n: int, seed: int) -> None:
+    """An FID over repeated noise judges fewer samples than it says (and looks worse, or
+    better, than the model is): refuse it. Equal *images* from distinct noise are the
+    model's doing, and FID is there to punish them, so those are only counted."""
+    copies = n - len(set(images.digests(sampler.noise(n, seed))))
+    if copies:
+        raise GenfastError(f"the noise of seed {seed} repeats ({copies} of its first {n} rows are copies of others), "
+                           f"so an FID over it would judge fewer than {n} samples; this is a bug in the sampler's "
+                           f"noise, please report it")
+
+
+def _hashing(batches: Iterable[torch.Tensor], seen: set[bytes]) -> Iterable[torch.Tensor]:
+    """The batches as they are, each image's uint8 hash added to `seen` on the way."""
+    for batch in batches:
+        seen.update(images.digests(images.to_uint8(batch)))
+        yield batch
 
 
 def evaluate(sampler: Sampler, n: int = 10_000, seed: int = 0, batch_size: int = 500,
@@ -183,9 +211,11 @@ def evaluate(sampler: Sampler, n: int = 10_000, seed: int = 0, batch_size: int =
                            f"{judge.min_samples} images (10000 is the usual)")
     test = data.load(dataset, "test")
     train = data.load(dataset, "train")
+    _check_distinct_noise(sampler, n, seed)
     real_test, test_predicted = judge.embed(_batches(test.images, batch_size), len(test), "features: test split",
                                             progress)
-    fake, fake_predicted = judge.embed(sampler.batches(n, seed, batch_size=batch_size), n,
+    made: set[bytes] = set()
+    fake, fake_predicted = judge.embed(_hashing(sampler.batches(n, seed, batch_size=batch_size), made), n,
                                        "features: generated", progress)
     real_train = _train_features(judge, train, n, seed, batch_size, progress)
     n_real = len(real_train)
@@ -195,7 +225,8 @@ def evaluate(sampler: Sampler, n: int = 10_000, seed: int = 0, batch_size: int =
     result = {
         "model": sampler.info.get("path"), "dataset": dataset, "data_source": test.source,
         "classifier": judge.name, "classifier_test_accuracy": judge.test_accuracy,
-        "n": n, "n_test": len(test), "n_real_train": n_real, "seed": seed,
+        "classifier_dead_features": dead_share((real_test != 0).any(0)),
+        "n": n, "distinct_images": len(made), "n_test": len(test), "n_real_train": n_real, "seed": seed,
         **scores, "fid_std": bootstrap_fid_std(real_test, fake, seed),
         "real_fid": baseline["fid"], "real_fid_std": bootstrap_fid_std(real_test, real_train, seed),
         "real_kid": baseline["kid"], "real_kid_std": baseline["kid_std"],
@@ -253,6 +284,7 @@ def evaluate_reconstructions(name_or_path: str, batch_size: int = 500, seed: int
     fake, _ = judge.embed(rebuilt, len(test), "features: reconstructions", progress)
     real_train = _train_features(judge, train, len(test), seed, batch_size, progress)
     scores, baseline = fid_kid(real_test, fake, seed), fid_kid(real_test, real_train, seed)
-    return {"model": str(name_or_path), "dataset": dataset, "classifier": judge.name, "n": len(test),
+    return {"model": str(name_or_path), "dataset": dataset, "classifier": judge.name,
+            "classifier_dead_features": dead_share((real_test != 0).any(0)), "n": len(test),
             **scores, "fid_std": bootstrap_fid_std(real_test, fake, seed), "real_fid": baseline["fid"],
             "real_kid": baseline["kid"]} | family.evaluate(modules, config, originals, test.labels)

@@ -41,7 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from genfast import engines, images, pretrained
 from genfast.errors import GenfastError
-from genfast.families.base import MAX_SEED, Sampler
+from genfast.families.base import Sampler
+from genfast.seeding import MAX_SEED
 
 
 @dataclass

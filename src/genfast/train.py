@@ -4,9 +4,9 @@ Seeds, devices, mixed precision, the progress bar, TensorBoard, sample grids,
 checkpoints, resume and divergence checks live here, so every family gets them
 the same way (after minGPT's trainer, which knows nothing about the model).
 
-Randomness is a pure function of (seed, step): the data order of epoch e comes
-from a DistributedSampler seeded with (seed, e), and the noise of step s (and the
-dropout masks) from generators seeded with (seed, s). A resumed run therefore draws
+Randomness is a pure function of (seed, step): the data order of epoch e is a
+permutation drawn from the stream (seed, e), and the noise of step s (and the dropout
+masks) from the stream (seed, s, process), each its own (seeding.py). A resumed run therefore draws
 exactly what the uninterrupted run would have drawn, and needs no RNG state in the
 checkpoint. (On a CPU the two end bit-identical; CUDA kernels are not bitwise
 deterministic, so there they end merely equivalent.)
@@ -15,8 +15,8 @@ Several processes (torchrun, or `genfast train --nproc N`) train one model with
 DistributedDataParallel. `batch_size` is the global batch: each of N processes takes
 1/N of it, and the sampler hands process r the rows r, r+N, ... of the same epoch
 order, so a step sees the same images whatever N is, and the averaged gradient is the
-same mean over them. What differs with N: the noise (process r > 0 draws its own,
-seeded with (seed, step, r)), BatchNorm statistics (per process unless --sync-bn)
+same mean over them. What differs with N: the noise (process r draws its own, from
+the stream (seed, step, r)), BatchNorm statistics (per process unless --sync-bn)
 and the order of floating-point sums. Rank 0 alone writes checkpoints, samples and
 TensorBoard logs; the checkpoint holds the bare networks, so a run resumes at any N.
 """
@@ -33,14 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from genfast import checkpoint, config as configlib, data, distributed, images
+from genfast import checkpoint, config as configlib, data, distributed, images, seeding
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import get_family
-from genfast.families.base import MAX_SEED
 from genfast.pretrained import load_weights
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -68,20 +66,20 @@ class TrainOptions:
     sync_batchnorm: bool = False   # several GPU processes: BatchNorm statistics over the global batch
 
 
-def _step_seed(seed: int, step: int, rank: int = 0) -> int:
-    # Mix the numbers so (seed, step, rank) never collide for realistic values; rank 0's
-    # seeds are those of a single-process run.
-    return seed * 1_000_003 + step + (rank << 40)
+def _seed_step(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """Puts the global generators (dropout masks) on the stream of step `step` in process
+    `rank`, and returns the generator the family draws that step's noise from."""
+    seeding.seed_global(device, seed, "train-dropout", step, rank)
+    return seeding.generator(seed, "train-noise", step, rank, device=device)
 
 
 def _epoch_order(train_size: int, seed: int, epoch: int, here: distributed.World) -> torch.Tensor:
-    """This process's rows of epoch `epoch`: the shuffled order's rows rank, rank + N, ..."""
-    # The sampler shuffles with seed + epoch; spread the seeds so that (seed, epoch + 1)
-    # is not (seed + 1, epoch).
-    sampler = DistributedSampler(range(train_size), num_replicas=here.size, rank=here.rank, shuffle=True,
-                                 seed=seed * 1_000_003, drop_last=True)
-    sampler.set_epoch(epoch)
-    return torch.tensor(list(sampler))
+    """This process's rows of epoch `epoch`: the shuffled order's rows rank, rank + N, ...
+    (what DistributedSampler with drop_last hands out, but shuffled from the stream (seed,
+    epoch): its own seeding adds epoch to a seed that torch then cuts to 32 bits)."""
+    usable = train_size // here.size * here.size
+    order = torch.randperm(train_size, generator=seeding.generator(seed, "data-order", epoch))
+    return order[:usable][here.rank::here.size]
 
 
 class _Silent:
@@ -192,8 +190,7 @@ def _train(family_name: str, options: TrainOptions, preset: str, toml_path: Path
     data_name = saved.dataset["name"] if saved else options.data or DEFAULT_DATA
     seed = saved.extra.get("seed", 0) if saved else 0 if options.seed is None else options.seed
     precision = options.precision or (saved.extra.get("precision", "fp32") if saved else "fp32")
-    if not 0 <= seed <= MAX_SEED:
-        raise GenfastError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
+    seeding.check_seed(seed)
     _autocast(torch.device("cpu"), precision)  # reject an unknown precision before any work
 
     asked = configlib.layered_values(family.presets, preset, toml_path, pairs)
@@ -314,11 +311,9 @@ def _train(family_name: str, options: TrainOptions, preset: str, toml_path: Path
                 x = images.to_float(all_images[batch])
                 y = all_labels[batch] if all_labels is not None else None
                 t1 = time.perf_counter()
-                step_seed = _step_seed(seed, step, here.rank)
-                torch.manual_seed(step_seed)  # dropout masks
+                generator = _seed_step(seed, step, here.rank, device)
                 with _autocast(device, precision):
-                    losses = family.train_step(trained, optimizers, x, y, torch.Generator(device).manual_seed(step_seed),
-                                               config)
+                    losses = family.train_step(trained, optimizers, x, y, generator, config)
                 # Every process logs and judges the global batch's mean losses, and stops at
                 # the same step when any of them was asked to.
                 losses, stop = _mean_over_processes(losses, bool(stop_requested), device, here.size)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from genfast.families.base import MAX_SEED, Sampler
+from genfast.families.base import Sampler
+from genfast.seeding import MAX_SEED
 from genfast.fileio import atomic_path
 
 

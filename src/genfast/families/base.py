@@ -17,11 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from genfast.errors import GenfastError
-
-MAX_SEED = 2**32 - 1
-# A seed's noise comes in blocks of this many images, block j from a generator seeded
-# with (seed, j): any range of images is drawn without drawing those before it.
-NOISE_BLOCK = 256
+from genfast.seeding import NOISE_BLOCK, check_seed, noise_block
 SampleFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -66,13 +62,12 @@ class Sampler:
         return self.fn(noise, labels)
 
     def noise(self, n: int, seed: int, start: int = 0) -> torch.Tensor:
-        """The noise of images start..start+n-1 of `seed`. Image i's noise is the same
-        whatever the range, batch or process that draws it (bulk generation relies on it)."""
-        if not 0 <= seed <= MAX_SEED:
-            raise GenfastError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
+        """The noise of images start..start+n-1 of `seed`: a fresh draw for every image (each
+        block of NOISE_BLOCK images is its own stream: seeding.py), and image i's noise is the
+        same whatever the range, batch or process that draws it (bulk generation relies on it)."""
+        check_seed(seed)
         first, last = start // NOISE_BLOCK, (start + n - 1) // NOISE_BLOCK
-        blocks = [torch.randn(NOISE_BLOCK, *self.noise_shape, generator=torch.Generator().manual_seed(seed + (j << 32)))
-                  for j in range(first, last + 1)]
+        blocks = [noise_block(seed, j, self.noise_shape) for j in range(first, last + 1)]
         offset = start - first * NOISE_BLOCK
         return torch.cat(blocks)[offset:offset + n]
 

@@ -8,8 +8,16 @@ and its predictions give the class accuracy of conditional samples.
 
 Architecture: two blocks of two 3x3 convolutions (32, then 64 channels) with
 BatchNorm, ReLU and 2x2 max-pooling, a Dense layer of 256 features (the FID
-space), dropout, and the class logits. Training augments with random shifts of up
-to two pixels, which is what takes a CNN of this size past 99% on MNIST.
+space) with BatchNorm and ReLU, dropout, and the class logits. Training augments
+with random shifts of up to two pixels, which is what takes a CNN of this size past
+99% on MNIST.
+
+The feature layer's BatchNorm is what keeps that space alive: without it, weight
+decay and ReLU let a unit that went negative on every image stay there (no gradient
+reaches it), and the first shipped Fashion-MNIST judge had 127 of its 256 features
+zero on every test image, so FID's covariance had rank 129. With it every unit is
+centred on the batch, active for part of the images, and trained. `evaluate` reports
+the share of dead features on the held-out split (`genfast models` shows it).
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ class ClassifierConfig(TrainedConfig):
     channels_1: int = 32
     channels_2: int = 64
     features: int = 256          # width of the penultimate layer: the FID/KID feature space
+    # BatchNorm on that layer (see above). Every preset sets it; False is for checkpoints
+    # saved before it existed (their config lacks the key), so they load as they were.
+    feature_norm: bool = False
     dropout: float = 0.3
     max_shift: int = 2           # augmentation: random translation in pixels (0 = off)
     lr: float = 1e-3
@@ -39,8 +50,8 @@ class ClassifierConfig(TrainedConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "tiny": {"channels_1": 4, "channels_2": 8, "features": 16, "batch_size": 32},
+    "default": {"feature_norm": True},
+    "tiny": {"channels_1": 4, "channels_2": 8, "features": 16, "batch_size": 32, "feature_norm": True},
 }
 
 
@@ -56,16 +67,22 @@ class ClassifierNet(nn.Module):
         super().__init__()
         self.body = nn.Sequential(_block(c.channels, c.channels_1), _block(c.channels_1, c.channels_2))
         self.fc = nn.Linear(c.channels_2 * (c.image_size // 4) ** 2, c.features)
+        self.feature_norm = nn.BatchNorm1d(c.features) if c.feature_norm else nn.Identity()
         self.dropout = nn.Dropout(c.dropout)
         self.head = nn.Linear(c.features, c.num_classes)
         self.num_features = c.features  # what torchmetrics' feature= modules announce
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images -> the penultimate layer (after its ReLU)."""
-        return F.relu(self.fc(self.body(images).flatten(1)))
+        return F.relu(self.feature_norm(self.fc(self.body(images).flatten(1))))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(images)))
+
+
+def dead_share(active: torch.Tensor) -> float:
+    """The share of feature units never active (`active`: one bool per unit)."""
+    return 1 - float(active.double().mean())
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -119,13 +136,17 @@ class Classifier:
     @torch.inference_mode()
     def evaluate(self, modules: dict[str, nn.Module], config: ClassifierConfig, images: torch.Tensor,
                  labels: torch.Tensor) -> dict[str, float]:
-        """Accuracy on a held-out split ([-1, 1] images), in eval mode; the trainer logs it."""
+        """Accuracy on a held-out split ([-1, 1] images), in eval mode, and the share of
+        feature units that are zero on every one of its images; the trainer logs both."""
         net = modules["classifier"].eval()
         device = next(net.parameters()).device
-        correct = sum(int((net(images[i:i + 1000].to(device)).argmax(1).cpu() == labels[i:i + 1000]).sum())
-                      for i in range(0, len(images), 1000))
+        correct, active = 0, torch.zeros(net.num_features, dtype=torch.bool)
+        for i in range(0, len(images), 1000):
+            features = net.features(images[i:i + 1000].to(device))
+            correct += int((net.head(features).argmax(1).cpu() == labels[i:i + 1000]).sum())
+            active |= (features != 0).any(0).cpu()
         net.train()
-        return {"accuracy": correct / len(images)}
+        return {"accuracy": correct / len(images), "dead_features": dead_share(active)}
 
     def inference_modules(self) -> tuple[str, ...]:
         return ("classifier",)
