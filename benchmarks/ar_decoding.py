@@ -5,10 +5,11 @@
 
 Speed through `genfast bench`'s code, one run per model with its strategies interleaved,
 each eager and compiled where its shapes are fixed: the causal model (ar-text-...) with
-naive, kv, static and jacobi; the masked model (maskgit-text-...) with parallel. Then quality per strategy: FID against the
-test split (n = --fid-n, the same seed for all; the class-conditioned samples eval makes)
-and prompt accuracy on the training phrasings and on held-out ones. Ratios to naive are
-same-run for the causal model; the parallel row's ratio crosses two back-to-back runs.
+naive, kv, static and jacobi; the masked model (maskgit-text-...) with parallel. Then
+quality per strategy: FID against the test split (n = --fid-n, the same seed for all; the
+class-conditioned samples eval makes) and prompt accuracy on the training phrasings and on
+held-out ones. Ratios to naive are same-run for the causal model; the parallel row's ratio
+crosses two back-to-back runs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import argparse
 
 import genfast
 from genfast import bench, memory, metrics
-from genfast.families.ar import with_decoding
 
 CAUSAL = ["naive", "kv", "static", "jacobi"]  # the strategies of the causal model (ar-text-...)
 MASKED = ["parallel"]                          # and of the masked one (maskgit-text-...)
@@ -61,7 +61,7 @@ def quality(causal, masked, args: argparse.Namespace) -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for sampler, decodes in ((causal, CAUSAL), (masked, MASKED)):
         for decode in (d for d in decodes if d in args.decodes):
-            variant = with_decoding(sampler, decode)
+            variant = sampler.with_decoding(decode)
             scores = metrics.evaluate(variant, n=args.fid_n, progress=False)
             prompts = metrics.prompt_accuracy(variant, args.per_prompt, progress=False)
             held_out = prompts.get("held_out_phrasings", {}).get("accuracy")

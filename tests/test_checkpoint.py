@@ -1,6 +1,6 @@
 import os
-import re
 import pickle
+import re
 from pathlib import Path
 
 import pytest

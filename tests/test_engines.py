@@ -81,6 +81,7 @@ def judged_labels(sampler, pixels):
     return judge.embed([pixels], len(pixels), "", progress=False)[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cgan-mnist", "cvae-mnist", "vae-fashion-mnist"])
 def test_int8_is_within_its_pixel_error_bound_and_keeps_class_accuracy(name):
     pytest.importorskip("onnxruntime")
@@ -97,6 +98,7 @@ def test_int8_is_within_its_pixel_error_bound_and_keeps_class_accuracy(name):
         assert abs(accuracy - reference_accuracy) <= 0.02
 
 
+@pytest.mark.slow
 def test_engines_compose_left_to_right():
     sampler, noise, labels, expected = reference("cgan-mnist", n=16)
     stacked = engines.apply(sampler, "fused+bf16+compile")
@@ -149,6 +151,7 @@ def test_cudagraph_matches_eager_on_cuda():
         assert torch.allclose(fast(noise[:n], labels[:n]).cpu(), sampler(noise[:n], labels[:n]).cpu(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_compile_matches_eager_and_buckets_batch_sizes():
     sampler, noise, labels, expected = reference("cgan-mnist", n=8)
     fast = engines.apply(sampler, "compile")
@@ -169,7 +172,8 @@ def test_engines_keep_the_sampler_interface_and_refuse_unknown_names():
         engines.apply(sampler, "turbo")
 
 
-@pytest.mark.parametrize("kernel,stride,padding,output_padding", [(4, 2, 1, 0), (2, 2, 0, 0), (6, 3, 2, 1), (8, 4, 2, 0)])
+@pytest.mark.parametrize("kernel,stride,padding,output_padding",
+                         [(4, 2, 1, 0), (2, 2, 0, 0), (6, 3, 2, 1), (8, 4, 2, 0)])
 def test_subpixel_rewrite_equals_the_transposed_convolution(kernel, stride, padding, output_padding):
     from genfast.engines.subpixel import SubPixelConv, subpixel
 

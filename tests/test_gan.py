@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from genfast.families.gan import GAN, GANConfig, Generator, Discriminator
+from genfast.families.gan import GAN, Discriminator, GANConfig, Generator
 
 
 def test_generator_is_the_seeds_architecture():

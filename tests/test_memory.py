@@ -26,6 +26,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 10)
 """
 
 
+@pytest.mark.slow
 def test_reusing_freed_memory_stops_most_page_faults_of_sampling():
     def faults(mode):
         result = subprocess.run([sys.executable, "-c", FAULTS_PER_CALL, mode], capture_output=True, text=True,

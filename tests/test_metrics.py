@@ -9,11 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import genfast
-from genfast import data, images, metrics
-from genfast.errors import GenfastError
+from genfast import checkpoint, data, images, metrics
 from genfast.families.classifier import Classifier
 from genfast.pretrained import load_modules
-from genfast import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +34,7 @@ def features(judge, x):
     return judge.embed([x], len(x), "", progress=False)[0]
 
 
+@pytest.mark.slow
 def test_a_set_against_itself_scores_zero(judge, garments):
     a = features(judge, garments[0])
     scores = metrics.fid_kid(a, a)
@@ -46,6 +45,7 @@ def test_a_set_against_itself_scores_zero(judge, garments):
     assert abs(scores["kid"]) < 0.05 * metrics.fid_kid(a, noisy)["kid"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("degrade, levels", [
     ("blur", [1, 3, 5, 7]),
     ("noise", [0.0, 0.2, 0.4, 0.8]),
@@ -63,6 +63,7 @@ def test_scores_grow_as_images_are_degraded(judge, garments, degrade, levels):
     assert kids == sorted(kids) and kids[-1] > kids[0], kids
 
 
+@pytest.mark.slow
 def test_bootstrap_spread_is_small_but_not_zero(judge, garments):
     a, b = features(judge, garments[0]), features(judge, garments[1])
     std = metrics.bootstrap_fid_std(a, b, seed=0)
@@ -134,6 +135,7 @@ def test_per_class_accuracy_on_hand_made_predictions():
     assert scores["per_class_accuracy"] == {"a": 0.75, "b": 0.5, "c": 0.0}
 
 
+@pytest.mark.slow
 def test_kid_depends_on_its_seed_and_fid_does_not(judge, garments):
     a, b = features(judge, garments[0][:300]), features(judge, garments[1])
     one, other = metrics.fid_kid(a, b, seed=0), metrics.fid_kid(a, b, seed=1)
@@ -141,6 +143,7 @@ def test_kid_depends_on_its_seed_and_fid_does_not(judge, garments):
     assert metrics.fid_kid(a, b, seed=0) == one
 
 
+@pytest.mark.slow
 def test_eval_real_accuracy_equals_the_judges_recorded_accuracy():
     if data.find("fashion-mnist") is None:
         pytest.skip("Fashion-MNIST is not installed")

@@ -13,6 +13,7 @@ from genfast.engines.onnx import export
 ort = pytest.importorskip("onnxruntime")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cgan-mnist", "vae-fashion-mnist"])
 def test_export_round_trip_equals_eager_at_any_batch_size(name, tmp_path: Path):
     sampler = genfast.load(name)
@@ -26,12 +27,14 @@ def test_export_round_trip_equals_eager_at_any_batch_size(name, tmp_path: Path):
         assert np.abs(out - sampler(noise, labels).numpy()).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_onnx_engine_matches_eager(tmp_path: Path):
     sampler = genfast.load("gan-fashion-mnist")
     fast = engines.apply(sampler, "onnx")
     assert torch.allclose(fast.generate(20, seed=1), sampler.generate(20, seed=1), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_export_command_and_missing_runtime(tmp_path: Path, capsys, monkeypatch):
     from test_cli import run
 

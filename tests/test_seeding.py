@@ -16,11 +16,11 @@ import torch
 
 import genfast
 from genfast import data, images, metrics, seeding
-from genfast.train import _epoch_order, _seed_step
 from genfast.distributed import World
 from genfast.errors import GenfastError
 from genfast.families.base import Sampler
 from genfast.seeding import MAX_SEED, NOISE_BLOCK
+from genfast.train import _epoch_order, _seed_step
 
 WIDTH = 64  # noise values per image in these tests
 
@@ -141,6 +141,7 @@ def test_eval_refuses_an_fid_over_repeated_noise(tiny_gan, tiny_classifier, monk
         metrics.evaluate(sampler, n=64, classifier=str(tiny_classifier), progress=False)
 
 
+@pytest.mark.slow
 def test_fid_of_block_noise_agrees_with_one_torch_stream():
     """4,096 images from the block noise and from a single torch.randn stream are samples of
     one distribution: their FIDs against 4,096 test images agree within the bootstrap spread
@@ -166,6 +167,7 @@ def test_fid_of_block_noise_agrees_with_one_torch_stream():
 
 def test_sample_600_into_a_folder_makes_600_different_images(tiny_gan, tmp_path, capsys):
     from PIL import Image
+
     from test_cli import run
 
     status, _, err = run(capsys, "sample", tiny_gan, "-n", 600, "--seed", 5, "--out", tmp_path / "imgs", "-q")

@@ -9,11 +9,9 @@ import shutil
 import socket
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="genfast serve needs the [serve] extra")
@@ -115,8 +113,6 @@ def test_each_malformed_field_is_a_422_that_names_it(tiny_cgan, body, field):
 
 
 def test_prompts_and_classes_of_a_text_model_batch_apart_and_match_offline(tiny_text_ar):
-    from genfast.families.ar import prompt_condition
-
     app = create_app([str(tiny_text_ar)], ServeOptions(max_wait_ms=100))
     key = model_key(str(tiny_text_ar))
     asks = [{"model": key, "n": 3, "seed": 2, "prompt": "a small boot", "format": "npz"},
@@ -124,9 +120,9 @@ def test_prompts_and_classes_of_a_text_model_batch_apart_and_match_offline(tiny_
             {"model": key, "n": 2, "seed": 4, "prompt": "", "format": "npz"}]
     responses = call(app, *(("POST", "/v1/generate", ask) for ask in asks))
     sampler = pretrained.load(tiny_text_ar)
-    expected = [sampler.generate(3, seed=2, condition=prompt_condition(sampler, "a small boot", 3)),
+    expected = [sampler.generate(3, seed=2, condition=sampler.prompt_condition("a small boot", 3)),
                 sampler.generate(2, seed=3, class_index=1),
-                sampler.generate(2, seed=4, condition=prompt_condition(sampler, "", 2))]
+                sampler.generate(2, seed=4, condition=sampler.prompt_condition("", 2))]
     for response, images_of in zip(responses, expected):
         assert response.status_code == 200
         assert np.array_equal(np.load(io.BytesIO(response.content))["images"], images.to_uint8(images_of).numpy())
@@ -148,6 +144,7 @@ class Gate:
         return getattr(self.inner, name)
 
 
+@pytest.mark.slow
 def test_a_full_queue_is_a_429_and_a_slow_request_a_504(tiny_gan):
     app = create_app([str(tiny_gan)], ServeOptions(max_batch=4, max_queue=2, timeout_s=2.0, max_wait_ms=0))
     key = model_key(str(tiny_gan))
@@ -156,7 +153,9 @@ def test_a_full_queue_is_a_429_and_a_slow_request_a_504(tiny_gan):
     async def scenario():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://genfast") as client:
-            post = lambda n: client.post("/v1/generate", json={"model": key, "n": n, "seed": 1, "format": "npz"})
+            def post(n):
+                return client.post("/v1/generate", json={"model": key, "n": n, "seed": 1, "format": "npz"})
+
             running = asyncio.create_task(post(2))   # taken into a forward pass, which waits at the gate
             await asyncio.sleep(1.0)
             queued = asyncio.create_task(post(8))    # two chunks fill the queue; its deadline is 1 s later
@@ -181,6 +180,7 @@ def test_a_full_queue_is_a_429_and_a_slow_request_a_504(tiny_gan):
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run "
                                                                "installs them)")
 def test_the_page_generates_in_headless_chromium(tiny_cgan):

@@ -5,8 +5,6 @@ from torch.distributions import Normal, kl_divergence
 from genfast import pretrained
 from genfast.families.vae import VAE, VAEConfig, kl_to_standard_normal, reconstruction_nll, to_pixels
 
-from conftest import train_tiny
-
 
 def tiny(**changes) -> VAEConfig:
     return VAEConfig(z_dim=4, conv_channels=4, hidden_channels=8, **changes)

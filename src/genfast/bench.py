@@ -14,6 +14,7 @@ Output: a markdown table, a JSON list of rows, a PNG plot.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -22,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from genfast import engines, images, memory
+from genfast import engines, images, memory, metrics
 from genfast.errors import GenfastError
-from genfast.families.ar import with_decoding
-from genfast.families.base import Sampler
+from genfast.families.base import LoopNetwork, Sampler
+from genfast.fileio import atomic_path, write_bytes
 
 
 @dataclass
@@ -81,7 +82,7 @@ def _passes(sampler: Sampler) -> int | None:
     """Forward passes of an ar sampler's last call (its generator counts them)."""
     if sampler.module is None:
         return None
-    return next((m.passes for m in sampler.module.modules() if hasattr(m, "passes")), None)
+    return next((m.passes for m in sampler.module.modules() if isinstance(m, LoopNetwork)), None)
 
 
 def measure(sampler: Sampler, engine_names: list[str], batch_sizes: list[int], repeats: int = 20,
@@ -91,12 +92,12 @@ def measure(sampler: Sampler, engine_names: list[str], batch_sizes: list[int], r
     variants are interleaved (round robin), so a machine that speeds up or slows down
     during the run skews none. For an ar model, `decodes` are its decoding strategies;
     each engine's rows are compared with eager under the same strategy."""
-    if decodes and getattr(sampler.module, "one_call", True):
+    if decodes and not sampler.loops:
         raise GenfastError("--decode applies to ar models, which decode token by token; this one makes an image "
                            "in one call")
     device = sampler.device
     # The eager reference of each strategy (the sampler itself when there is none).
-    references = {decode: sampler if decode is None else with_decoding(sampler, decode) for decode in decodes or [None]}
+    references = {decode: sampler if decode is None else sampler.with_decoding(decode) for decode in decodes or [None]}
     variants = [(name, decode) for name in engine_names for decode in references]
     ready: dict[tuple[str, str | None], tuple[Sampler, float]] = {}  # -> (its sampler, seconds to wrap)
     rows: dict[tuple[str, str | None, int], Row] = {}
@@ -117,15 +118,17 @@ def measure(sampler: Sampler, engine_names: list[str], batch_sizes: list[int], r
             for _ in range(warmup):
                 fast(noise, labels)
             difference = (out - expected[decode]).abs()
+            call = functools.partial(fast, noise, labels)
             rows[name, decode, batch] = Row(name, batch, decode, one_off_s=one_off,
                                             max_abs_diff=float(difference.max()),
                                             mean_abs_diff=float(difference.mean()),
-                                            peak_memory_mb=_peak_memory_mb(lambda: fast(noise, labels), device),
+                                            peak_memory_mb=_peak_memory_mb(call, device),
                                             forward_passes_per_image=passes)
         times: dict[tuple[str, str | None], list[float]] = {key: [] for key in ready}
+        calls = {key: functools.partial(fast, noise, labels) for key, (fast, _) in ready.items()}
         for _ in range(repeats):
-            for key, (fast, _) in ready.items():
-                times[key].append(_timed(lambda: fast(noise, labels), device))
+            for key, call in calls.items():
+                times[key].append(_timed(call, device))
         for (name, decode), seconds in times.items():
             ordered = sorted(seconds)
             row = rows[name, decode, batch]
@@ -139,8 +142,6 @@ def measure(sampler: Sampler, engine_names: list[str], batch_sizes: list[int], r
             if (name, "naive") in ready:
                 row.speedup_vs_naive = row.images_per_s / rows[name, "naive", batch].images_per_s
     if fid_n:
-        from genfast import metrics
-
         for (name, decode), (fast, _) in ready.items():
             fid = metrics.evaluate(fast, n=fid_n, seed=seed, progress=progress)["fid"]
             for batch in batch_sizes:
@@ -168,15 +169,13 @@ def markdown(rows: list[Row]) -> str:
 
 
 def write_json(rows: list[Row], path: Path) -> None:
-    from genfast.fileio import write_bytes
-
     images.writable_target(path)
     write_bytes(path, (json.dumps([asdict(r) for r in rows], indent=2) + "\n").encode())
 
 
 def plot(rows: list[Row], path: Path, title: str) -> None:
     """images/s against batch size, one line per engine (log-log)."""
-    import matplotlib
+    import matplotlib  # 0.3 s to import: only when a plot is asked for
 
     matplotlib.use("Agg")  # no screen needed
     import matplotlib.pyplot as plt
@@ -192,8 +191,6 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    from genfast.fileio import atomic_path
-
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
     plt.close(figure)

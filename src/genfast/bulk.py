@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from genfast import distributed, engines, images, pretrained
+from genfast import checkpoint, distributed, engines, images, pretrained
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.fileio import atomic_path, ensure_dir, write_bytes
@@ -49,7 +49,7 @@ def job(model: str, n: int, seed: int = 0, class_index: int | None = None, promp
         raise GenfastError(f"unknown format '{fmt}'; choose one of: {', '.join(FORMATS)}")
     if shard_size < 1:
         raise GenfastError(f"--shard-size must be at least 1, got {shard_size}")
-    path = pretrained.resolve(model)
+    path = checkpoint.resolve(model)
     return {"model": str(model), "model_sha256": _sha256([path]), "n": n, "seed": seed, "class": class_index,
             "prompt": prompt, "settings": {k: v for k, v in (settings or {}).items() if v is not None},
             "engine": engine, "format": fmt, "shard_size": shard_size}
@@ -122,7 +122,8 @@ def _write_shard(out: Path, spec: dict, shard: int, sampler, labels: torch.Tenso
     batches = []
     for first in range(start, end, batch_size):
         last = min(first + batch_size, end)
-        pixels = sampler(sampler.noise(last - first, spec["seed"], first), None if labels is None else labels[first:last])
+        noise = sampler.noise(last - first, spec["seed"], first)
+        pixels = sampler(noise, None if labels is None else labels[first:last])
         batches.append(images.to_uint8(pixels.cpu()))
         bar.update(last - first)
     pixels = torch.cat(batches)

@@ -5,12 +5,16 @@ checkpoints, `optim.<module>.<index>.<key>` (Adam's moments and step counts).
 Everything else (family, config, data set, step, optimizer hyperparameters) is one
 JSON document in the safetensors metadata under the key "genfast". Loading never
 unpickles, so a checkpoint from a stranger cannot run code.
+
+Wherever a checkpoint is read, a shipped model's name (`gan-fashion-mnist`, the files
+in `genfast/models/`) works as well as a path: `resolve` is the one place that decides.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -98,14 +102,33 @@ def save(checkpoint: Checkpoint, path: Path, half: bool = False) -> None:
             save_file(tensors, tmp, metadata={"genfast": json.dumps(header)})
     except (OSError, SafetensorError) as e:
         reason = getattr(e, "strerror", None) or str(e)
-        raise GenfastError(f"cannot write checkpoint {path}: {reason}; the previous file, if any, is unchanged") from None
+        raise GenfastError(f"cannot write checkpoint {path}: {reason}; the previous file, if any, is "
+                           "unchanged") from None
 
 
-def read_header(path: Path) -> dict[str, Any]:
-    """The JSON header alone, without reading the weights."""
-    path = Path(path)
-    if not path.is_file():
+def shipped_paths() -> dict[str, Path]:
+    """Name -> path of every checkpoint shipped in the package, sorted by name."""
+    folder = Path(str(resources.files("genfast") / "models"))
+    return {p.name.removesuffix(".safetensors"): p for p in sorted(folder.glob("*.safetensors"))}
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A checkpoint path, or a shipped model's name -> the file to read."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    models = shipped_paths()
+    if str(name_or_path) in models:
+        return models[str(name_or_path)]
+    if path.suffix or path.parent != Path("."):
         raise GenfastError(f"checkpoint {path} not found")
+    raise GenfastError(f"'{name_or_path}' is neither a checkpoint file nor a shipped model; "
+                       f"shipped models: {', '.join(models) or 'none'} (see 'genfast models')")
+
+
+def read_header(name_or_path: str | Path) -> dict[str, Any]:
+    """The JSON header alone, without reading the weights."""
+    path = resolve(name_or_path)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -127,12 +150,14 @@ def read_header(path: Path) -> dict[str, Any]:
         if not isinstance(header.get(key), kind):
             raise GenfastError(f"checkpoint {path} has a damaged header (field '{key}'); retrain it or copy it again")
     if not isinstance(header["dataset"].get("name"), str):
-        raise GenfastError(f"checkpoint {path} has a damaged header (field 'dataset.name'); retrain it or copy it again")
+        raise GenfastError(f"checkpoint {path} has a damaged header (field 'dataset.name'); retrain it or copy it "
+                           "again")
     return header
 
 
-def load(path: Path) -> Checkpoint:
-    path = Path(path)
+def load(name_or_path: str | Path) -> Checkpoint:
+    """A whole checkpoint (a path or a shipped model's name), its fp16 weights as fp32."""
+    path = resolve(name_or_path)
     header = read_header(path)
     try:
         with safe_open(path, framework="pt") as f:

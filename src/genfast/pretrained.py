@@ -8,43 +8,37 @@ loaded back as fp32.
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 import torch
 
-from genfast import checkpoint, config as configlib
+from genfast import checkpoint, data, images
+from genfast import config as configlib
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import Sampler, get_family
-
-
-def models_dir() -> Path:
-    return Path(str(resources.files("genfast") / "models"))
+from genfast.families.base import class_index
 
 
 def shipped(generative: bool | None = None) -> dict[str, Path]:
     """Name -> path of every shipped checkpoint, sorted by name; `generative` filters
-    to the image generators (True) or to the classifiers (False)."""
-    models = {p.name.removesuffix(".safetensors"): p for p in sorted(models_dir().glob("*.safetensors"))}
+    to the image generators (True) or to the others (False: classifiers, tokenizers)."""
+    models = checkpoint.shipped_paths()
     if generative is None:
         return models
     return {name: path for name, path in models.items()
             if get_family(checkpoint.read_header(path)["family"]).generative == generative}
 
 
-def resolve(name_or_path: str | Path) -> Path:
-    """A shipped model's name or a checkpoint path -> the file to read."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    models = shipped()
-    if str(name_or_path) in models:
-        return models[str(name_or_path)]
-    if path.suffix or path.parent != Path("."):
-        raise GenfastError(f"checkpoint {path} not found")
-    raise GenfastError(f"'{name_or_path}' is neither a checkpoint file nor a shipped model; "
-                       f"shipped models: {', '.join(models) or 'none'} (see 'genfast models')")
+def describe(name_or_path: str | Path) -> str:
+    """One line for `genfast models`: family, data set, what it is, step, size (header only)."""
+    path = checkpoint.resolve(name_or_path)
+    header = checkpoint.read_header(path)
+    family = get_family(header["family"])
+    summary = family.describe(configlib.from_dict(family.config_class, header["config"]),
+                              header["extra"].get("test", {}))
+    return (f"{header['family']}\t{header['dataset']['name']}\t{summary}\tstep {header['step']}"
+            f"\t{path.stat().st_size / 1e6:.1f} MB")
 
 
 def load_weights(modules: dict[str, torch.nn.Module], states: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -74,24 +68,48 @@ def load(name_or_path: str | Path, device: str = "cpu", **settings) -> Sampler:
 
     `settings` change how the family samples (its `sampling_keys`: for ar, decode, cfg,
     temperature, ...); None leaves the checkpoint's own value."""
-    path = resolve(name_or_path)
+    path = checkpoint.resolve(name_or_path)
     ckpt = checkpoint.load(path)
     family, config, modules = load_modules(ckpt, resolve_device(device))
     if not family.generative:
         raise GenfastError(f"{name_or_path} is a {family.name}, which does not generate images; "
                            f"give a gan, vae or ar checkpoint")
     settings = {key: value for key, value in settings.items() if value is not None}
-    allowed = getattr(family, "sampling_keys", ())
+    allowed = family.sampling_keys
     if unknown := [key for key in settings if key not in allowed]:
         raise GenfastError(f"{', '.join(unknown)} do(es) not apply to a {family.name} model"
                            + (f"; it takes {', '.join(allowed)}" if allowed else ""))
     config = configlib.override(config, settings)
-    if hasattr(family, "check_sampling"):
-        family.check_sampling(config)
+    family.check_sampling(config)
     sampler = family.sampler(modules, config, tuple(ckpt.dataset.get("class_names", ())))
     sampler.info = {"family": ckpt.family, "model": family.model_name(config), "dataset": ckpt.dataset["name"],
                     "step": ckpt.step, "path": str(path)}
     return sampler
+
+
+def reconstructions(name_or_path: str | Path, n: int, seed: int = 0, class_name: str | int | None = None,
+                    device: str = "cpu") -> torch.Tensor:
+    """n real test images (of one class, if given), picked by `seed`, each row of ten followed
+    by a row of their reconstructions through the model's encoder (vae, vqvae): what
+    `sample --reconstruct` shows. Needs the model's data set."""
+    ckpt = checkpoint.load(name_or_path)
+    family, config, modules = load_modules(ckpt, resolve_device(device))
+    if not family.reconstructs:
+        raise GenfastError(f"--reconstruct needs a model with an encoder (vae, vqvae); {name_or_path} is a "
+                           f"{family.name}")
+    index = None if class_name is None else class_index(tuple(ckpt.dataset.get("class_names", ())), class_name)
+    test = data.load(ckpt.dataset["name"], "test", image_size=config.image_size, channels=config.channels)
+    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
+    if index is not None:
+        pick = pick[test.labels[pick] == index]
+    pick = pick[:n]
+    originals = images.to_float(test.images[pick])
+    rebuilt = family.reconstruct(modules, config, originals, test.labels[pick])
+    # Pad to whole rows of ten (blank tiles), so originals and reconstructions always alternate by row.
+    blank = torch.full((-len(pick) % 10, *originals.shape[1:]), -1.0)
+    originals, rebuilt = torch.cat([originals, blank]), torch.cat([rebuilt, blank])
+    return torch.cat([t for start in range(0, len(originals), 10)
+                      for t in (originals[start:start + 10], rebuilt[start:start + 10])])
 
 
 def slim(src: Path, dst: Path, half: bool = True) -> Path:

@@ -50,7 +50,8 @@ class ServeOptions:
     engine: str = "eager"
     device: str = "cpu"
     max_batch: int = 64        # images in one forward pass
-    max_wait_ms: float = 0.0   # how long the first request of a batch waits for others (0: batches are what queued during the last pass)
+    # How long the first request of a batch waits for others (0: batches are what queued during the last pass).
+    max_wait_ms: float = 0.0
     batching: bool = True      # False: every chunk is its own forward pass (the baseline)
     max_n: int = 64            # images per request
     max_queue: int = 256       # chunks waiting per model before 429
@@ -250,7 +251,7 @@ def create_app(models: list[str], options: ServeOptions | None = None) -> FastAP
     def describe(batcher: Batcher) -> dict:
         sampler = batcher.plain
         return {"name": batcher.name, "family": sampler.info.get("family"), "dataset": sampler.info.get("dataset"),
-                "classes": list(sampler.class_names), "text": _is_text(sampler),
+                "classes": list(sampler.class_names), "text": sampler.takes_prompts,
                 "image_shape": list(sampler.image_shape), "engine": options.engine}
 
     @app.post("/v1/generate", responses={200: {"content": {"image/png": {}, "application/zip": {}}}})
@@ -290,12 +291,10 @@ def create_app(models: list[str], options: ServeOptions | None = None) -> FastAP
         if body.prompt is not None:
             if body.class_ is not None:
                 raise _invalid("prompt", "give a class or a prompt, not both")
-            if not _is_text(sampler):
+            if not sampler.takes_prompts:
                 raise _invalid("prompt", f"model '{body.model}' takes classes, not prompts")
             if body.prompt not in prompts:  # MiniLM: tens of ms, off the event loop
-                from genfast.families.ar import prompt_condition
-
-                prompts[body.prompt] = await asyncio.to_thread(prompt_condition, sampler, body.prompt, 1)
+                prompts[body.prompt] = await asyncio.to_thread(sampler.prompt_condition, body.prompt, 1)
                 while len(prompts) > 1024:
                     prompts.popitem(last=False)
             prompts.move_to_end(body.prompt)
@@ -310,10 +309,6 @@ def create_app(models: list[str], options: ServeOptions | None = None) -> FastAP
         return JSONResponse({"detail": str(error)}, status_code=422)
 
     return app
-
-
-def _is_text(sampler: Sampler) -> bool:
-    return bool(getattr(getattr(sampler.module, "net", None), "text", False))
 
 
 def _invalid(field_name: str, message: str) -> HTTPException:

@@ -19,6 +19,11 @@ same mean over them. What differs with N: the noise (process r draws its own, fr
 the stream (seed, step, r)), BatchNorm statistics (per process unless --sync-bn)
 and the order of floating-point sums. Rank 0 alone writes checkpoints, samples and
 TensorBoard logs; the checkpoint holds the bare networks, so a run resumes at any N.
+
+A run is first a plan (`plan_run`: a pure function of the family, the options, the
+config asked for, the saved run if resuming, and the world; every rule about what a
+run may be is there and unit-tested), then a set-up (`_set_up`: networks, optimizers,
+restored state) and a loop that reads top to bottom (`_loop`).
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from genfast import checkpoint, config as configlib, data, distributed, images, seeding
+from genfast import checkpoint, data, distributed, images, seeding
+from genfast import config as configlib
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError
-from genfast.families import get_family
+from genfast.families import Family, get_family
 from genfast.pretrained import load_weights
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -46,6 +53,7 @@ DEFAULT_DATA = "fashion-mnist"
 DEFAULT_EPOCHS = 5
 # Config fields the data set decides; a user setting them would be silently overruled.
 DATA_KEYS = ("channels", "num_classes")
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -118,28 +126,100 @@ def _stop_between_steps():
         signal.signal(signal.SIGINT, previous)
 
 
-def _saved_run(family, options: TrainOptions, ckpt_path: Path) -> checkpoint.Checkpoint | None:
-    """The checkpoint to resume (checked), or None for a new run in an unused folder."""
+def read_saved(options: TrainOptions) -> checkpoint.Checkpoint | None:
+    """The checkpoint to resume, or None for a new run in an unused folder."""
+    path = Path(options.out) / CHECKPOINT_NAME
     if not options.resume:
-        if ckpt_path.exists():
-            raise GenfastError(f"{ckpt_path} already exists; pass --resume to continue that run, "
-                               f"or choose another --out")
+        if path.exists():
+            raise GenfastError(f"{path} already exists; pass --resume to continue that run, or choose another --out")
         return None
-    saved = checkpoint.load(ckpt_path)
+    return checkpoint.load(path)
+
+
+@dataclass
+class RunPlan:
+    """What a run is, decided before any network exists."""
+
+    family: Family
+    config: Any                  # complete but for what family.prepare adds to a new run
+    train_set: data.ImageSet
+    seed: int
+    precision: str               # fp32 | bf16
+    start: int                   # the step it continues from (0 for a new run)
+    total: int                   # the step it ends at
+    steps_per_epoch: int
+    local_batch: int             # each process's share of the global batch
+    saved: checkpoint.Checkpoint | None
+    dataset_info: dict[str, Any]  # what the checkpoint says about the data
+
+    @property
+    def data_name(self) -> str:
+        return self.dataset_info["name"]
+
+
+def plan_run(family: Family, options: TrainOptions, asked: dict[str, Any], saved: checkpoint.Checkpoint | None,
+             world_size: int = 1, device: torch.device = CPU, load_data=data.load) -> RunPlan:
+    """The run that `options` and the config values `asked` (preset, TOML, key=value) make,
+    continuing `saved` when resuming; any rule broken is one GenfastError saying what to do.
+    `load_data(name, split, image_size=, channels=)` gives the training split."""
+    if saved is not None:
+        _check_resumable(family, options, saved)
+    data_name = saved.dataset["name"] if saved else options.data or DEFAULT_DATA
+    seed = saved.extra.get("seed", 0) if saved else 0 if options.seed is None else options.seed
+    precision = options.precision or (saved.extra.get("precision", "fp32") if saved else "fp32")
+    seeding.check_seed(seed)
+    _autocast(torch.device("cpu"), precision)  # an unknown precision is refused here
+
+    config = _config_for_run(family, asked, saved)
+    train_set = load_data(data_name, "train", image_size=config.image_size, channels=config.channels if saved else None)
+    if config.conditional and train_set.labels is None:
+        raise GenfastError(f"data set '{data_name}' has no labels, so it cannot train a conditional model")
+    config = configlib.override(config, {"channels": train_set.image_shape[0], "num_classes": train_set.num_classes})
+    if saved is not None and saved.dataset.get("train_size") not in (None, len(train_set)):
+        raise GenfastError(f"data set '{data_name}' now has {len(train_set)} training images, the saved run had "
+                           f"{saved.dataset['train_size']}; it is not the same data, start a new run")
+    if not 2 <= config.batch_size <= len(train_set):  # BatchNorm needs two examples a batch
+        raise GenfastError(f"batch_size={config.batch_size} is impossible for {len(train_set)} training images; "
+                           f"choose 2..{len(train_set)}")
+    if config.batch_size % world_size or config.batch_size // world_size < 2:
+        raise GenfastError(f"batch_size={config.batch_size} is the global batch and must split evenly, at least 2 "
+                           f"images each, over the {world_size} processes; choose a multiple of {world_size}")
+    if options.sync_batchnorm and (world_size == 1 or device.type != "cuda"):
+        raise GenfastError("--sync-bn shares BatchNorm statistics between GPU processes (PyTorch's SyncBatchNorm "
+                           "runs on CUDA only); drop it for a single process or the CPU")
+
+    steps_per_epoch = len(train_set) // config.batch_size
+    start = saved.step if saved else 0
+    if options.steps is not None:
+        total = options.steps
+    elif options.epochs is not None:
+        total = options.epochs * steps_per_epoch
+    else:
+        total = saved.extra.get("total_steps", 0) if saved else DEFAULT_EPOCHS * steps_per_epoch
+    if total <= start:
+        raise GenfastError(f"nothing to train: the run is at step {start} and {total} steps were asked for; "
+                           f"ask for more with --steps or --epochs")
+    dataset_info = {"name": data_name, "class_names": list(train_set.class_names),
+                    "image_shape": list(train_set.image_shape), "train_size": len(train_set),
+                    "source": train_set.source}
+    return RunPlan(family, config, train_set, seed, precision, start, total, steps_per_epoch,
+                   config.batch_size // world_size, saved, dataset_info)
+
+
+def _check_resumable(family: Family, options: TrainOptions, saved: checkpoint.Checkpoint) -> None:
+    path = Path(options.out) / CHECKPOINT_NAME
     if saved.family != family.name:
-        raise GenfastError(f"{ckpt_path} is a '{saved.family}' checkpoint, not '{family.name}'; "
-                           f"resume it as that family")
+        raise GenfastError(f"{path} is a '{saved.family}' checkpoint, not '{family.name}'; resume it as that family")
     if saved.inference_only:
-        raise GenfastError(f"{ckpt_path} is an inference-only checkpoint (no optimizer state); it cannot be resumed")
+        raise GenfastError(f"{path} is an inference-only checkpoint (no optimizer state); it cannot be resumed")
     for what, asked, kept in (("data set", options.data, saved.dataset["name"]),
                               ("seed", options.seed, saved.extra.get("seed"))):
         if asked is not None and asked != kept:
             raise GenfastError(f"--resume continues the saved run, whose {what} is {kept!r}, not {asked!r}; "
                                f"drop that option or start a new run with another --out")
-    return saved
 
 
-def _config_for_run(family, asked: dict[str, Any], saved: checkpoint.Checkpoint | None):
+def _config_for_run(family: Family, asked: dict[str, Any], saved: checkpoint.Checkpoint | None):
     """A new run builds its config from what was asked. A resumed run keeps the saved
     config, except the optimizer's hyperparameters (a lower learning rate is how one
     gets past a divergence); anything else would no longer be the same run."""
@@ -176,191 +256,188 @@ def train(family_name: str, options: TrainOptions, preset: str = "default", toml
           pairs: list[str] = (), conditional: bool = False) -> Path:
     """Train a model (or continue one with options.resume); returns the path of its checkpoint.
     Started by torchrun, this process trains its share of each batch (module docstring)."""
+    family = get_family(family_name)
     device = distributed.device_of(resolve_device(options.device), distributed.world())
     with distributed.joined(device) as here:
-        return _train(family_name, options, preset, toml_path, pairs, conditional, device, here)
+        asked = configlib.layered_values(family.presets, preset, toml_path, pairs)
+        if conditional:
+            asked["conditional"] = True
+        plan = plan_run(family, options, asked, read_saved(options), here.size, device)
+        return _loop(plan, options, device, here)
 
 
-def _train(family_name: str, options: TrainOptions, preset: str, toml_path: Path | None, pairs: list[str],
-           conditional: bool, device: torch.device, here: distributed.World) -> Path:
-    family = get_family(family_name)
-    out = Path(options.out)
-    ckpt_path = out / CHECKPOINT_NAME
-    saved = _saved_run(family, options, ckpt_path)
-    data_name = saved.dataset["name"] if saved else options.data or DEFAULT_DATA
-    seed = saved.extra.get("seed", 0) if saved else 0 if options.seed is None else options.seed
-    precision = options.precision or (saved.extra.get("precision", "fp32") if saved else "fp32")
-    seeding.check_seed(seed)
-    _autocast(torch.device("cpu"), precision)  # reject an unknown precision before any work
+@dataclass
+class _SetUp:
+    """The networks of a run, ready for its first step."""
 
-    asked = configlib.layered_values(family.presets, preset, toml_path, pairs)
-    if conditional:
-        asked["conditional"] = True
-    config = _config_for_run(family, asked, saved)
-    train_set = data.load(data_name, "train", image_size=config.image_size,
-                          channels=config.channels if saved else None)
-    if config.conditional and train_set.labels is None:
-        raise GenfastError(f"data set '{data_name}' has no labels, so it cannot train a conditional model")
-    config = configlib.override(config, {"channels": train_set.image_shape[0], "num_classes": train_set.num_classes})
-    if not 2 <= config.batch_size <= len(train_set):  # BatchNorm needs two examples a batch
-        raise GenfastError(f"batch_size={config.batch_size} is impossible for {len(train_set)} training images; "
-                           f"choose 2..{len(train_set)}")
-    if config.batch_size % here.size or config.batch_size // here.size < 2:
-        raise GenfastError(f"batch_size={config.batch_size} is the global batch and must split evenly, at least 2 "
-                           f"images each, over the {here.size} processes; choose a multiple of {here.size}")
-    if options.sync_batchnorm and (here.size == 1 or device.type != "cuda"):
-        raise GenfastError("--sync-bn shares BatchNorm statistics between GPU processes (PyTorch's SyncBatchNorm "
-                           "runs on CUDA only); drop it for a single process or the CPU")
+    config: Any
+    modules: dict[str, nn.Module]         # the bare networks: what is saved and sampled
+    optimizers: dict[str, torch.optim.Optimizer]
+    trained: dict[str, nn.Module]         # what train_step runs: the trained ones as DDP over the processes
 
-    initial: dict[str, dict[str, torch.Tensor]] = {}
-    if saved is None and hasattr(family, "prepare"):  # a family that starts from trained parts (ar: its tokenizer)
-        config, initial = family.prepare(config, train_set)
 
-    torch.manual_seed(seed)  # weight initialisation: the same in every process
-    modules = {name: m.to(device) for name, m in family.build(config).items()}
+def _set_up(plan: RunPlan, options: TrainOptions, device: torch.device) -> _SetUp:
+    config, initial = plan.config, {}
+    if plan.saved is None:  # a family that starts from trained parts (ar: its tokenizer)
+        config, initial = plan.family.prepare(config, plan.train_set)
+    torch.manual_seed(plan.seed)  # weight initialisation: the same in every process
+    modules = {name: m.to(device) for name, m in plan.family.build(config).items()}
     for name, state in initial.items():
         modules[name].load_state_dict(state, strict=False)
     if options.sync_batchnorm:
-        modules = {name: torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for name, m in modules.items()}
-    optimizers = family.optimizers(modules, config)
-    start = 0
-    if saved is not None:
-        _restore(saved, modules, optimizers)
-        start = saved.step
-    # What train_step runs: the trained networks as DDP (their gradients averaged over the
-    # processes); `modules` stay the bare networks that are saved and sampled.
+        modules = {name: nn.SyncBatchNorm.convert_sync_batchnorm(m) for name, m in modules.items()}
+    optimizers = plan.family.optimizers(modules, config)
+    if plan.saved is not None:
+        _restore(plan.saved, modules, optimizers)
     trained = {name: distributed.wrap(m, device) if name in optimizers else m for name, m in modules.items()}
+    return _SetUp(config, modules, optimizers, trained)
 
-    steps_per_epoch = len(train_set) // config.batch_size
-    if options.steps is not None:
-        total = options.steps
-    elif options.epochs is not None:
-        total = options.epochs * steps_per_epoch
-    else:
-        total = saved.extra.get("total_steps", 0) if saved else DEFAULT_EPOCHS * steps_per_epoch
-    if total <= start:
-        raise GenfastError(f"nothing to train: the run is at step {start} and {total} steps were asked for; "
-                           f"ask for more with --steps or --epochs")
 
-    dataset_info = {"name": data_name, "class_names": list(train_set.class_names),
-                    "image_shape": list(train_set.image_shape), "train_size": len(train_set),
-                    "source": train_set.source}
-    if saved is not None and saved.dataset.get("train_size") not in (None, len(train_set)):
-        raise GenfastError(f"data set '{data_name}' now has {len(train_set)} training images, the saved run had "
-                           f"{saved.dataset['train_size']}; it is not the same data, start a new run")
-    run_info = {"seed": seed, "total_steps": total, "steps_per_epoch": steps_per_epoch, "precision": precision,
-                "device": str(device), "processes": here.size, "model_name": family.model_name(config)}
+class _Outputs:
+    """What rank 0 writes: the checkpoint, sample grids, held-out scores, TensorBoard."""
 
-    def save(step: int) -> None:
+    def __init__(self, plan: RunPlan, setup: _SetUp, options: TrainOptions, device: torch.device,
+                 here: distributed.World):
+        from torch.utils.tensorboard import SummaryWriter  # 0.3 s to import: only when training
+
+        self.plan, self.setup, self.out = plan, setup, Path(options.out)
+        self.path = self.out / CHECKPOINT_NAME
+        self.info = {"seed": plan.seed, "total_steps": plan.total, "steps_per_epoch": plan.steps_per_epoch,
+                     "precision": plan.precision, "device": str(device), "processes": here.size,
+                     "model_name": plan.family.model_name(setup.config)}
+        self.class_names = plan.train_set.class_names if setup.config.conditional else ()
+        self.test_split: data.ImageSet | None = None  # loaded at the first evaluation only
+        if here.main:
+            images.writable_target(self.path)
+        # purge_step: a resumed run drops events logged after its checkpoint by the run it
+        # continues (the checkpoint of step `start` was written after that step's events).
+        self.writer = (SummaryWriter(str(self.out / "tb"), purge_step=plan.start + 1 if plan.start else None)
+                       if here.main else _Silent())
+
+    def save(self, step: int) -> None:
+        s = self.setup
         checkpoint.save(checkpoint.Checkpoint(
-            family=family.name, config=configlib.to_dict(config), dataset=dataset_info, step=step,
-            modules={n: m.state_dict() for n, m in modules.items()},
-            optimizers={n: o.state_dict() for n, o in optimizers.items()}, extra=run_info), ckpt_path)
+            family=self.plan.family.name, config=configlib.to_dict(s.config), dataset=self.plan.dataset_info,
+            step=step, modules={n: m.state_dict() for n, m in s.modules.items()},
+            optimizers={n: o.state_dict() for n, o in s.optimizers.items()}, extra=self.info), self.path)
 
-    class_names = train_set.class_names if config.conditional else ()
-
-    def save_samples(step: int, writer) -> None:
+    def save_samples(self, step: int) -> None:
         """The same noise every time, so the grids show the model's progress and nothing else."""
-        grid = family.sampler(modules, config, class_names).generate(10 * len(class_names) or 64, seed=seed)
-        images.save_grid(grid, out / "samples" / f"step_{step:07d}.png", nrow=len(class_names) or None)
-        writer.add_images("samples", images.to_uint8(grid), step, dataformats="NCHW")
-        for module in modules.values():
+        s = self.setup
+        grid = self.plan.family.sampler(s.modules, s.config, self.class_names).generate(
+            10 * len(self.class_names) or 64, seed=self.plan.seed)
+        images.save_grid(grid, self.out / "samples" / f"step_{step:07d}.png", nrow=len(self.class_names) or None)
+        self.writer.add_images("samples", images.to_uint8(grid), step, dataformats="NCHW")
+        for module in s.modules.values():
             module.train()
 
-    test_split: list[data.ImageSet] = []  # loaded at the first evaluation only
-
-    def evaluate(step: int, writer) -> None:
-        """A non-generative model (the classifier) is judged on the held-out split instead."""
-        if not test_split:
-            test_split.append(data.load(data_name, "test", image_size=config.image_size, channels=config.channels))
-        scores = family.evaluate(modules, config, images.to_float(test_split[0].images), test_split[0].labels)
+    def evaluate(self, step: int) -> None:
+        """A non-generative model (the classifier, the tokenizer) is judged on the held-out split."""
+        s = self.setup
+        if self.test_split is None:
+            self.test_split = data.load(self.plan.data_name, "test", image_size=s.config.image_size,
+                                        channels=s.config.channels)
+        scores = self.plan.family.evaluate(s.modules, s.config, images.to_float(self.test_split.images),
+                                           self.test_split.labels)
         for key, value in scores.items():
-            writer.add_scalar(f"test/{key}", value, step)
-        run_info["test"] = scores
+            self.writer.add_scalar(f"test/{key}", value, step)
+        self.info["test"] = scores
 
-    from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
 
-    if here.main:
-        images.writable_target(ckpt_path)
-    # purge_step: a resumed run drops events logged after its checkpoint by the run it continues
-    # (the checkpoint of step `start` was written after that step's events).
-    writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None) if here.main else _Silent()
-    local_batch = config.batch_size // here.size
+def _loop(plan: RunPlan, options: TrainOptions, device: torch.device, here: distributed.World) -> Path:
+    setup = _set_up(plan, options, device)
+    family, config = plan.family, setup.config
+    outputs = _Outputs(plan, setup, options, device, here)
     # The sets fit in memory (Fashion-MNIST is 47 MB as uint8), so they go to the device
     # once and batches are cut and scaled there: no loader processes, no copies per step.
-    all_images = train_set.images.to(device)
-    all_labels = train_set.labels.to(device) if train_set.labels is not None else None
-    for module in modules.values():
+    all_images = plan.train_set.images.to(device)
+    all_labels = plan.train_set.labels.to(device) if plan.train_set.labels is not None else None
+    for module in setup.modules.values():
         module.train()
 
     first_losses: dict[str, float] = {}  # the scale divergence is judged against (losses differ by family)
     epoch_order: dict[int, torch.Tensor] = {}
     data_seconds = step_seconds = 0.0
-    last_saved = done = start
+    last_saved = plan.start
     processes = f" ({here.size} processes)" if here.size > 1 else ""
-    bar = tqdm(total=total, initial=start, unit="step", disable=not (options.progress and here.main),
-               desc=f"train {family.model_name(config)} on {data_name}{processes}")
+    bar = tqdm(total=plan.total, initial=plan.start, unit="step", disable=not (options.progress and here.main),
+               desc=f"train {family.model_name(config)} on {plan.data_name}{processes}")
     with _stop_between_steps() as stop_requested:
         try:
-            for step in range(start, total):
+            for step in range(plan.start, plan.total):
+                # The step: this process's rows of the batch, its noise stream, the family's update.
                 t0 = time.perf_counter()
-                epoch, index = divmod(step, steps_per_epoch)
+                epoch, index = divmod(step, plan.steps_per_epoch)
                 if epoch not in epoch_order:
-                    epoch_order = {epoch: _epoch_order(len(train_set), seed, epoch, here)}
-                batch = epoch_order[epoch][index * local_batch:(index + 1) * local_batch].to(device)
+                    epoch_order = {epoch: _epoch_order(len(plan.train_set), plan.seed, epoch, here)}
+                batch = epoch_order[epoch][index * plan.local_batch:(index + 1) * plan.local_batch].to(device)
                 x = images.to_float(all_images[batch])
                 y = all_labels[batch] if all_labels is not None else None
                 t1 = time.perf_counter()
-                generator = _seed_step(seed, step, here.rank, device)
-                with _autocast(device, precision):
-                    losses = family.train_step(trained, optimizers, x, y, generator, config)
+                generator = _seed_step(plan.seed, step, here.rank, device)
+                with _autocast(device, plan.precision):
+                    losses = family.train_step(setup.trained, setup.optimizers, x, y, generator, config)
                 # Every process logs and judges the global batch's mean losses, and stops at
                 # the same step when any of them was asked to.
                 losses, stop = _mean_over_processes(losses, bool(stop_requested), device, here.size)
                 t2 = time.perf_counter()
                 data_seconds += t1 - t0
                 step_seconds += t2 - t1
+                done = step + 1
 
+                # Divergence: a loss that is NaN, infinite or far above its first value stops the run.
                 if not first_losses:
                     first_losses.update({k: max(1.0, abs(v)) for k, v in losses.items() if math.isfinite(v)})
-                bad = {k: v for k, v in losses.items() if k.startswith("loss")
-                       and not abs(v) <= options.max_loss_growth * first_losses.get(k, 1.0)}
-                if bad:
-                    what = ", ".join(f"{k}={v:.4g}" for k, v in bad.items())
-                    kept = (f"the last good checkpoint is {ckpt_path} at step {last_saved}; continue it with --resume "
-                            f"and a lower {' or '.join(k for k in family.optimizer_keys if k.startswith('lr'))}"
-                            if ckpt_path.exists() else
-                            "no checkpoint was written yet; start again with a lower learning rate")
-                    raise GenfastError(f"training diverged at step {step + 1} ({what}); {kept}")
-                done = step + 1
-                images_per_s = (done - start) * config.batch_size / step_seconds
-                if done % options.log_every == 0 or done == total:
+                _check_divergence(losses, first_losses, options.max_loss_growth, done, family,
+                                  outputs.path, last_saved)
+
+                # Log: TensorBoard every log_every steps, the progress bar every step.
+                images_per_s = (done - plan.start) * config.batch_size / step_seconds
+                if done % options.log_every == 0 or done == plan.total:
                     for key, value in losses.items():
-                        writer.add_scalar(f"train/{key}", value, done)
-                    writer.add_scalar("train/images_per_s", images_per_s, done)
+                        outputs.writer.add_scalar(f"train/{key}", value, done)
+                    outputs.writer.add_scalar("train/images_per_s", images_per_s, done)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k.startswith("loss")}
                                 | {"img/s": f"{images_per_s:.0f}"})
-                if (done % options.sample_every == 0 or done == total) and family.generative and here.main:
-                    save_samples(done, writer)
-                if done % options.checkpoint_every == 0 or done == total:
+
+                # Sample grid (generative families).
+                if (done % options.sample_every == 0 or done == plan.total) and family.generative and here.main:
+                    outputs.save_samples(done)
+
+                # Checkpoint (with held-out scores for the others).
+                if done % options.checkpoint_every == 0 or done == plan.total:
                     if here.main:
                         if not family.generative:
-                            evaluate(done, writer)
-                        run_info["images_per_s"] = round(images_per_s, 1)
-                        run_info["data_fraction"] = round(data_seconds / (data_seconds + step_seconds), 4)
-                        save(done)
+                            outputs.evaluate(done)
+                        outputs.info["images_per_s"] = round(images_per_s, 1)
+                        outputs.info["data_fraction"] = round(data_seconds / (data_seconds + step_seconds), 4)
+                        outputs.save(done)
                     last_saved = done
+
+                # Stop, when asked (Ctrl-C): after a whole step, its checkpoint written.
                 if stop:
                     if done > last_saved and here.main:
-                        save(done)
+                        outputs.save(done)
                     distributed.barrier()  # none ends (and gets rank 0 stopped) before the save
-                    raise KeyboardInterrupt(f"checkpoint saved at step {done} in {ckpt_path}; continue with --resume")
+                    raise KeyboardInterrupt(f"checkpoint saved at step {done} in {outputs.path}; "
+                                            "continue with --resume")
         finally:
             bar.close()
-            writer.close()
+            outputs.writer.close()
     distributed.barrier()  # no process ends the job before rank 0 has written the last checkpoint
-    return ckpt_path
+    return outputs.path
+
+
+def _check_divergence(losses: dict[str, float], first: dict[str, float], max_growth: float, step: int,
+                      family: Family, path: Path, last_saved: int) -> None:
+    bad = {k: v for k, v in losses.items() if k.startswith("loss") and not abs(v) <= max_growth * first.get(k, 1.0)}
+    if bad:
+        what = ", ".join(f"{k}={v:.4g}" for k, v in bad.items())
+        kept = (f"the last good checkpoint is {path} at step {last_saved}; continue it with --resume "
+                f"and a lower {' or '.join(k for k in family.optimizer_keys if k.startswith('lr'))}"
+                if path.exists() else "no checkpoint was written yet; start again with a lower learning rate")
+        raise GenfastError(f"training diverged at step {step} ({what}); {kept}")
 
 
 def _mean_over_processes(losses: dict[str, float], stop: bool, device: torch.device,

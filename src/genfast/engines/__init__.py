@@ -12,28 +12,30 @@ module (precision casts included) that the next one wraps. onnx and int8 hand th
 network to ONNX Runtime, so they come last.
 
 ENGINES is the one registry; an engine that cannot run here raises
-EngineUnavailable with one line saying why.
+EngineUnavailable with one line saying why. An engine is a function Sampler ->
+Sampler: a new one is a function and one registry entry.
+
+A sampler that decodes in a loop (`Sampler.loops`: ar) is not one call: engines that
+trace or export one call (ONE_CALL) refuse it, and compile and cudagraph wrap the
+fixed-shape part its network offers (families/base.py, LoopNetwork), never knowing
+which decoding strategy that part belongs to.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from genfast.engines.compiled import Bucketed
-from genfast.engines.cudagraph import GraphedStep, GraphReplay, require_cuda
-from genfast.engines.fusion import fold_batchnorm, fastest_layout
+from genfast.engines.cudagraph import GraphedCall, GraphReplay, require_cuda
+from genfast.engines.fusion import fastest_layout, fold_batchnorm
 from genfast.engines.onnx import int8_runtime, onnx_runtime
 from genfast.engines.precision import reduced
-from genfast.errors import GenfastError
-from genfast.families.base import Sampler
-
-
-class EngineUnavailable(GenfastError):
-    """This engine cannot run on this machine (no CUDA, a runtime not installed, ...)."""
+from genfast.errors import EngineUnavailable, GenfastError
+from genfast.families.base import LoopNetwork, Sampler
 
 
 def rewrap(sampler: Sampler, module: nn.Module | None, fn: Callable | None = None, **info) -> Sampler:
@@ -52,38 +54,39 @@ def fused(sampler: Sampler) -> Sampler:
     return rewrap(sampler, module, layout=layout)
 
 
+def _loop_network(sampler: Sampler, engine: str) -> LoopNetwork:
+    """The looping network an engine wraps the fixed part of; after bf16 (whose module casts
+    around it) there is none to reach, hence the order."""
+    if not isinstance(sampler.module, LoopNetwork):
+        raise EngineUnavailable(f"for a model that decodes token by token, put {engine} first ({engine}+bf16)")
+    return sampler.module
+
+
 def compiled(sampler: Sampler) -> Sampler:
     """torch.compile with batch sizes bucketed (compiled.py); a later engine (cudagraph)
-    wraps the compiled module. For ar, what has fixed shapes is compiled: the static
-    decoder's step, or the full-sequence pass of jacobi and parallel (naive and kv grow
-    their inputs every step, and would recompile at every one)."""
-    generator = sampler.module
-    if hasattr(generator, "with_step_wrap"):
-        if generator.decode == "static":
-            return rewrap(sampler, generator.with_step_wrap(lambda step: torch.compile(step, dynamic=False)))
-        if generator.decode in ("jacobi", "parallel"):
-            return rewrap(sampler, generator.with_compiled_net(torch.compile(generator.net, dynamic=False)))
-        raise EngineUnavailable(f"'compile' needs fixed shapes: --decode static, jacobi or parallel "
-                                f"({generator.decode} grows its inputs every step)")
-    if not getattr(generator, "one_call", True):
-        raise EngineUnavailable("for a model that decodes token by token, put compile first (compile+bf16)")
-    bucketed = Bucketed(generator)
+    wraps the compiled module. A looping sampler's fixed-shape part is compiled instead
+    (the parts whose inputs grow every step would recompile at every one)."""
+    if sampler.loops:
+        network = _loop_network(sampler, "compile")
+        if network.fixed_part() is None:
+            raise EngineUnavailable(f"'compile' needs fixed shapes: {network.fixed_part_advice(recordable=False)}")
+        return rewrap(sampler, network.with_fixed_part(lambda part: torch.compile(part, dynamic=False)))
+    bucketed = Bucketed(sampler.module)
     return rewrap(sampler, bucketed.run, bucketed)
 
 
 def cudagraph(sampler: Sampler) -> Sampler:
-    """Replays recorded graphs, not the module: nothing can wrap it after this. For ar, the
-    static decoder's step is what is recorded."""
+    """Replays recorded graphs, not the module: nothing can wrap it after this. A looping
+    sampler's fixed part is what is recorded, when its state lives in buffers."""
     require_cuda(sampler.device)
-    generator = sampler.module
-    if hasattr(generator, "with_step_wrap"):
-        if generator.decode != "static":
-            raise EngineUnavailable("'cudagraph' records the static decoder's fixed-shape step: use --decode static")
-        return rewrap(sampler, generator.with_step_wrap(
-            lambda step: GraphedStep(step, step.cache.keys.shape[1], sampler.device)))
-    if not getattr(generator, "one_call", True):
-        raise EngineUnavailable("for a model that decodes token by token, put cudagraph first")
-    return rewrap(sampler, None, GraphReplay(generator.eval(), sampler.conditional))
+    if sampler.loops:
+        network = _loop_network(sampler, "cudagraph")
+        part = network.fixed_part()
+        if part is None or not part.recordable:
+            raise EngineUnavailable(f"'cudagraph' records a fixed-shape part that keeps its state in buffers: "
+                                    f"{network.fixed_part_advice(recordable=True)}")
+        return rewrap(sampler, network.with_fixed_part(GraphedCall))
+    return rewrap(sampler, None, GraphReplay(sampler.module.eval(), sampler.conditional))
 
 
 ENGINES: dict[str, Callable[[Sampler], Sampler]] = {
@@ -98,8 +101,8 @@ ENGINES: dict[str, Callable[[Sampler], Sampler]] = {
 }
 
 
-# Engines that trace, export or record the network as one call; a sampler that decodes in
-# a loop of data-dependent length (ar) takes its speed-ups from its decoding strategy.
+# Engines that trace or export the network as one call; a sampler that decodes in a loop
+# of data-dependent length (ar) takes its speed-ups from its decoding strategy.
 ONE_CALL = ("fused", "onnx", "int8")
 
 
@@ -109,7 +112,7 @@ def apply(sampler: Sampler, engine: str) -> Sampler:
     for name in steps:
         if name not in ENGINES:
             raise GenfastError(f"unknown engine '{name}'; choose one of: {', '.join(ENGINES)} (or join them with +)")
-        if name in ONE_CALL and not getattr(sampler.module, "one_call", True):
+        if name in ONE_CALL and sampler.loops:
             raise EngineUnavailable(f"'{name}' needs a network run in one call; this model decodes token by token "
                                     "(its speed-ups: --decode kv, static, jacobi, parallel; compile the static step)")
     for previous, name in zip([None, *steps], steps):

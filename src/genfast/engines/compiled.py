@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 
-
 def bucket(batch: int) -> int:
     """The padded batch size: the next power of two."""
     return 1 << (batch - 1).bit_length()

@@ -14,12 +14,13 @@ on the CPU with a stand-in recorder; `record_cuda_graph` is the CUDA part.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from genfast.engines.compiled import bucket
+from genfast.errors import EngineUnavailable
 
 Recorder = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
 
@@ -78,31 +79,33 @@ class GraphReplay:
         return output[:n].clone()
 
 
-class GraphedStep:
-    """A fixed-shape decode step, (tokens (B, 1), position (1,)) -> logits, replayed from
-    one recorded graph (the ar family's static decoder). Recorded on the first call, with
-    that call's inputs already in the static buffers, so the recording's warm-up runs write
-    into the cache exactly what the call itself writes."""
+class GraphedCall:
+    """A fixed-shape call of tensors (a looping network's fixed part: the ar static
+    decoder's step, (tokens (B, 1), position (1,)) -> logits) replayed from one recorded
+    graph. Recorded on the first call, with that call's inputs already copied into the
+    static buffers, so the recording's warm-up runs write into any state the part keeps
+    (its cache) exactly what the call itself writes."""
 
-    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: int, device,
-                 recorder: Recorder | None = None):
-        self.step, self.recorder = step, recorder or record_cuda_graph
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
+    def __init__(self, part: Callable[..., torch.Tensor], recorder: Recorder | None = None):
+        self.part, self.recorder = part, recorder or record_cuda_graph
+        self.inputs: tuple[torch.Tensor, ...] = ()
         self.replay = self.output = None
 
-    def __call__(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens)
-        self.position.copy_(position)
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.replay is None:
-            self.replay, self.output = self.recorder(lambda: self.step(self.tokens, self.position))
+            self.inputs = tuple(x.clone() for x in inputs)
+            self.replay, self.output = self.recorder(lambda: self.part(*self.inputs))
+        else:
+            if [x.shape for x in inputs] != [x.shape for x in self.inputs]:
+                raise ValueError(f"a recorded call takes the shapes it was recorded with, "
+                                 f"{[tuple(x.shape) for x in self.inputs]}")
+            for static, x in zip(self.inputs, inputs):
+                static.copy_(x)
         self.replay()
         return self.output.clone()
 
 
 def require_cuda(device: torch.device) -> None:
     if device.type != "cuda":
-        from genfast.engines import EngineUnavailable
-
         raise EngineUnavailable("cudagraph needs a CUDA device (load the model with --device cuda)")
 

@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 
+from genfast.engines.fusion import fold_batchnorm
+from genfast.engines.subpixel import subpixel
+from genfast.errors import EngineUnavailable
 from genfast.families.base import Sampler
-from genfast.seeding import MAX_SEED
 from genfast.fileio import atomic_path
+from genfast.seeding import MAX_SEED
 
 
 def _require():
-    from genfast.engines import EngineUnavailable
-
     try:
         import onnx  # noqa: F401  (the exporter needs it)
         import onnxruntime
@@ -117,9 +118,6 @@ def int8_runtime(sampler: Sampler):
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from genfast.engines.fusion import fold_batchnorm
-    from genfast.engines.subpixel import subpixel
 
     network = subpixel(fold_batchnorm(sampler.module, conditional=sampler.conditional))
     noise = sampler.noise(CALIBRATION_BATCHES * CALIBRATION_BATCH, CALIBRATION_SEED).split(CALIBRATION_BATCH)

@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from genfast.errors import EngineUnavailable
 from genfast.families.base import Sampler
 
 
@@ -19,10 +20,6 @@ class Reduced(nn.Module):
         self.inner = inner.to(dtype)
         self.dtype = dtype
 
-    @property
-    def one_call(self) -> bool:  # an ar generator's loop stays a loop in bf16
-        return getattr(self.inner, "one_call", True)
-
     def forward(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.inner(noise.to(self.dtype), labels).float()
 
@@ -31,7 +28,5 @@ def reduced(sampler: Sampler, dtype: torch.dtype) -> Reduced:
     """bf16 keeps 8 bits of mantissa (~0.4% relative error per operation) and fp32's range;
     fp16 keeps 11 bits but overflows above 65,504."""
     if dtype == torch.float16 and sampler.device.type != "cuda":
-        from genfast.engines import EngineUnavailable
-
         raise EngineUnavailable("fp16 runs on CUDA only (CPUs have no fast fp16 kernels); use bf16 on CPU")
     return Reduced(copy.deepcopy(sampler.module).eval(), dtype)

@@ -1,14 +1,18 @@
-"""The family registry: the one place that maps a name to a model family."""
+"""The family registry: the one place that maps a name to a model family.
+
+A new family subclasses families.base.Family and gets one entry here; the trainer,
+the loader, the CLI (its `train` choices), metrics and the server find it through
+`get_family`.
+"""
 
 from __future__ import annotations
 
 from genfast.errors import GenfastError
+from genfast.families.ar import AR, VQVAE
 from genfast.families.base import Family, Sampler
-from genfast.families.ar import AR
 from genfast.families.classifier import Classifier
 from genfast.families.gan import GAN
 from genfast.families.vae import VAE
-from genfast.families.vqvae import VQVAE
 
 # The generative families, the tokenizer `ar` builds on, and the classifier that judges
 # them (all trained by the same trainer).

@@ -1,16 +1,26 @@
-"""The one protocol every model family follows, and the sampler it hands out.
+"""The protocols: what a model family declares, the sampler it hands out, and what a
+sampler that decodes in a loop offers the engines.
 
-A family knows its networks, its loss and how to turn trained networks into a
-*sampler*: a pure, fixed-shape function from noise (and an optional class label)
-to images in [-1, 1]. Randomness is drawn outside the sampler from a seeded
-torch.Generator, so every engine can wrap the same function and every test can
-compare an engine with the eager reference on the same noise.
+A family (`Family`) knows its networks, its loss and how to turn trained networks
+into a *sampler*: a pure, fixed-shape function from noise (and an optional class
+label or prompt embedding) to images in [-1, 1]. Randomness is drawn outside the
+sampler from seeded streams (seeding.py), so every engine can wrap the same
+function and every test can compare an engine with the eager reference on the same
+noise.
+
+Every hook a caller (trainer, loader, CLI, metrics, server) may use is declared
+here, with its neutral default where a family may go without it; callers call the
+hook, they never probe for it. A new family subclasses `Family` and is added to
+`FAMILIES` (families/__init__.py); nothing else needs an edit.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from abc import ABC, ABCMeta, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -18,7 +28,9 @@ from tqdm import tqdm
 
 from genfast.errors import GenfastError
 from genfast.seeding import NOISE_BLOCK, check_seed, noise_block
+
 SampleFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+PromptEncoder = Callable[[str], torch.Tensor]  # one prompt -> its (1, D) condition row
 
 
 @dataclass
@@ -31,10 +43,14 @@ class Sampler:
     class_names: tuple[str, ...] = ()  # empty for an unconditional model
     info: dict[str, Any] = field(default_factory=dict)  # family, model, dataset, step, path (set by genfast.load)
     module: nn.Module | None = None    # the network fn runs, (noise, labels) -> pixels: what engines transform
+    # A network that decodes in a loop of data-dependent length (a LoopNetwork, or one an
+    # engine made from it): engines that trace or export one call cannot take it.
+    loops: bool = False
+    encode_prompt: PromptEncoder | None = None  # a text-conditioned model: a prompt -> its condition row
 
     @classmethod
     def from_module(cls, module: nn.Module, noise_shape: tuple[int, ...], image_shape: tuple[int, int, int],
-                    class_names: tuple[str, ...] = ()) -> "Sampler":
+                    class_names: tuple[str, ...] = ()) -> Sampler:
         """The eager sampler of a network: eval mode, no autograd, inputs moved to its device."""
         module = module.eval()
         device = next(module.parameters()).device
@@ -43,7 +59,8 @@ class Sampler:
         def generate(noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
             return module(noise.to(device), None if labels is None else labels.to(device))
 
-        return cls(generate, noise_shape, image_shape, class_names, module=module)
+        return cls(generate, noise_shape, image_shape, class_names, module=module,
+                   loops=isinstance(module, LoopNetwork))
 
     @property
     def conditional(self) -> bool:
@@ -58,8 +75,29 @@ class Sampler:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def takes_prompts(self) -> bool:
+        return self.encode_prompt is not None
+
     def __call__(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.fn(noise, labels)
+
+    def prompt_condition(self, prompt: str, n: int) -> torch.Tensor:
+        """The condition that makes n images of `prompt` (an empty prompt: unconditional)."""
+        if self.encode_prompt is None:
+            raise GenfastError("--prompt needs a text-conditioned ar model (ar-text-...); this one is not")
+        return self.encode_prompt(prompt).expand(n, -1)
+
+    def with_decoding(self, decode: str | None = None, **options) -> Sampler:
+        """A copy of a looping sampler (ar) that decodes with strategy `decode` (None: its
+        own) and the given options (None leaves one as it is); the weights are shared."""
+        if not isinstance(self.module, LoopNetwork):
+            raise GenfastError("decoding strategies apply to models that decode token by token (ar); "
+                               "this one makes an image in one call")
+        network = self.module.with_decoding(decode, **options)
+        copy = Sampler.from_module(network, self.noise_shape, self.image_shape, self.class_names)
+        return dataclasses.replace(copy, info=self.info | {"decode": network.decode},
+                                   encode_prompt=self.encode_prompt)
 
     def noise(self, n: int, seed: int, start: int = 0) -> torch.Tensor:
         """The noise of images start..start+n-1 of `seed`: a fresh draw for every image (each
@@ -166,31 +204,104 @@ class TrainedConfig:
     num_classes: int = 0
 
 
-class Family(Protocol):
-    """What the trainer, the checkpoint loader and the CLI need from a family."""
+@dataclass(frozen=True)
+class FixedPart:
+    """The part of a looping network that runs with the same shapes on every call (for a
+    given batch size), which compile and cudagraph replace with a faster equivalent."""
 
-    name: str             # registry key: "gan", "vae", "ar"
-    config_class: type    # the hyperparameter dataclass
-    presets: dict[str, dict[str, Any]]
-    optimizer_keys: tuple[str, ...]  # config keys a resumed run may change (learning rates, betas)
-    generative: bool      # False for the classifier: no sampler, but evaluate() on the test split
+    name: str          # for people: "the static decoder's token step"
+    recordable: bool   # it keeps its state in buffers reused across calls, so a CUDA graph can replay it
 
+
+Wrap = Callable[[nn.Module], Callable[..., torch.Tensor]]  # an engine's wrapper of a fixed part
+
+
+class LoopNetwork(nn.Module, metaclass=ABCMeta):
+    """The network of a sampler that decodes in a loop (ar): (noise, condition) -> pixels
+    through a decoding strategy. Its acceleration surface: engines never name a strategy,
+    they ask for the fixed-shape part and hand back a wrapper for it."""
+
+    decode: str      # the decoding strategy it runs
+    passes: int = 0  # forward passes of the last call (every row of the batch takes them together)
+
+    @abstractmethod
+    def fixed_part(self) -> FixedPart | None:
+        """The part of the current strategy with fixed shapes, or None (its inputs grow)."""
+
+    @abstractmethod
+    def fixed_part_advice(self, recordable: bool) -> str:
+        """For an engine's one-line error: which settings give a (recordable) fixed part."""
+
+    @abstractmethod
+    def with_fixed_part(self, wrap: Wrap) -> LoopNetwork:
+        """The same weights and settings, the fixed part run through `wrap` (after any
+        wrapper it already has, so engines compose: compile+cudagraph)."""
+
+    @abstractmethod
+    def with_decoding(self, decode: str | None = None, **options) -> LoopNetwork:
+        """The same weights, decoding with `decode` (None: the same) and the given options
+        (None leaves one unchanged); raises GenfastError for a strategy that does not fit."""
+
+
+class Family(ABC):
+    """What the trainer, the checkpoint loader, the CLI, metrics and the server need from a
+    family. The abstract members every family defines; the others have a neutral default."""
+
+    name: ClassVar[str]                        # registry key: "gan", "vae", "ar"
+    config_class: ClassVar[type]               # the hyperparameter dataclass (a TrainedConfig)
+    presets: ClassVar[dict[str, dict[str, Any]]]  # named sets of config values; "default" at least
+    optimizer_keys: ClassVar[tuple[str, ...]]  # config keys a resumed run may change (learning rates, betas)
+    generative: ClassVar[bool]                 # False: no sampler; judged by evaluate() on the test split instead
+    sampling_keys: ClassVar[tuple[str, ...]] = ()  # config keys genfast.load(**settings) may change (ar: decode, cfg)
+    reconstructs: ClassVar[bool] = False       # has an encoder: reconstruct() works (sample --reconstruct)
+
+    @abstractmethod
     def model_name(self, config: Any) -> str:
         """Short name of the variant for people: "gan" or "cgan"."""
 
+    @abstractmethod
     def build(self, config: Any) -> dict[str, nn.Module]:
-        """Fresh networks for `config` (image shape and classes already filled in)."""
+        """Fresh networks for `config` (image shape and classes already filled in); a config
+        that cannot be built is a GenfastError naming the key."""
 
+    @abstractmethod
     def optimizers(self, modules: dict[str, nn.Module], config: Any) -> dict[str, torch.optim.Optimizer]:
         """One optimizer per trained module, keyed like `modules`."""
 
+    @abstractmethod
     def train_step(self, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                    images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
                    config: Any) -> dict[str, float]:
-        """One optimisation step on a batch of [-1, 1] images; returns the losses to log."""
+        """One optimisation step on a batch of [-1, 1] images; returns the losses to log
+        (keys starting with "loss" are watched for divergence)."""
+
+    @abstractmethod
+    def inference_modules(self) -> tuple[str, ...]:
+        """The modules a sampler needs (what a slim, shipped checkpoint keeps)."""
+
+    def prepare(self, config: Any, train_set) -> tuple[Any, dict[str, dict[str, torch.Tensor]]]:
+        """Before a new run (not a resumed one): the config completed from trained parts it
+        builds on, and initial weights per module (ar: its tokenizer). Default: nothing."""
+        return config, {}
 
     def sampler(self, modules: dict[str, nn.Module], config: Any, class_names: tuple[str, ...]) -> Sampler:
         """The eager fp32 sampler: the reference every engine is compared with."""
+        raise GenfastError(f"a {self.name} model does not generate images")
 
-    def inference_modules(self) -> tuple[str, ...]:
-        """The modules a sampler needs (what a slim, shipped checkpoint keeps)."""
+    def check_sampling(self, config: Any) -> None:  # noqa: B027 (a hook whose default is to do nothing)
+        """Refuse sampling settings (`sampling_keys`) that cannot work, in one line. Default: none to check."""
+
+    def evaluate(self, modules: dict[str, nn.Module], config: Any, images: torch.Tensor,
+                 labels: torch.Tensor | None) -> dict[str, float]:
+        """Scores on held-out images, logged at every checkpoint of a non-generative family
+        (and saved in its header as extra["test"]). Default: none."""
+        return {}
+
+    def reconstruct(self, modules: dict[str, nn.Module], config: Any, images: torch.Tensor,
+                    labels: torch.Tensor | None) -> torch.Tensor:
+        """[-1, 1] images -> their reconstructions through the model (when `reconstructs`)."""
+        raise GenfastError(f"reconstructions need a model with an encoder (vae, vqvae); this is a {self.name}")
+
+    def describe(self, config: Any, test: dict[str, float]) -> str:
+        """What the model is, for `genfast models` (test: its held-out scores, if any)."""
+        return f"{config.num_classes} classes" if config.conditional else "unconditional"

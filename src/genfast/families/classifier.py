@@ -31,7 +31,7 @@ from torch import nn
 
 from genfast.config import require
 from genfast.errors import GenfastError
-from genfast.families.base import TrainedConfig
+from genfast.families.base import Family, TrainedConfig
 
 
 @dataclass
@@ -100,7 +100,7 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     return padded[batch, channel, rows, cols]
 
 
-class Classifier:
+class Classifier(Family):
     name = "classifier"
     generative = False
     config_class = ClassifierConfig
@@ -150,3 +150,11 @@ class Classifier:
 
     def inference_modules(self) -> tuple[str, ...]:
         return ("classifier",)
+
+    def describe(self, config: ClassifierConfig, test: dict[str, float]) -> str:
+        summary = super().describe(config, test)
+        if "accuracy" in test:  # its held-out accuracy, and how much of its feature space lives
+            summary += f", test accuracy {test['accuracy']:.4f}"
+            if "dead_features" in test:
+                summary += f", {test['dead_features']:.0%} of features dead"
+        return summary

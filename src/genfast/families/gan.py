@@ -42,7 +42,7 @@ from torch import nn
 from genfast.config import require
 from genfast.distributed import unwrap
 from genfast.errors import GenfastError
-from genfast.families.base import Sampler, TrainedConfig
+from genfast.families.base import Family, Sampler, TrainedConfig
 
 
 @dataclass
@@ -121,7 +121,7 @@ class Discriminator(nn.Module):
         return self.out(x.flatten(1)).squeeze(1)
 
 
-class GAN:
+class GAN(Family):
     name = "gan"
     config_class = GANConfig
     presets = PRESETS

@@ -27,7 +27,7 @@ from torch import nn
 
 from genfast.config import require
 from genfast.errors import GenfastError
-from genfast.families.base import Sampler, TrainedConfig
+from genfast.families.base import Family, Sampler, TrainedConfig
 
 
 @dataclass
@@ -120,11 +120,12 @@ def reconstruction_nll(decoded: torch.Tensor, images: torch.Tensor, c: VAEConfig
     return nll.flatten(1).sum(dim=1)
 
 
-class VAE:
+class VAE(Family):
     name = "vae"
     config_class = VAEConfig
     presets = PRESETS
     generative = True
+    reconstructs = True
     optimizer_keys = ("lr",)
 
     def model_name(self, config: VAEConfig) -> str:

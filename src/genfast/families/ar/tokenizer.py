@@ -33,7 +33,7 @@ from genfast import distributed
 from genfast.config import require
 from genfast.distributed import unwrap
 from genfast.errors import GenfastError
-from genfast.families.base import TrainedConfig
+from genfast.families.base import Family, TrainedConfig
 
 
 @dataclass
@@ -160,11 +160,12 @@ def usage(tokens: torch.Tensor, codebook_size: int) -> dict[str, float]:
     return {"codebook_usage": float((counts > 0).float().mean()), "perplexity": float(entropy.exp())}
 
 
-class VQVAE:
+class VQVAE(Family):
     name = "vqvae"
     config_class = VQVAEConfig
     presets = PRESETS
     generative = False
+    reconstructs = True
     optimizer_keys = ("lr",)
 
     def model_name(self, config: VQVAEConfig) -> str:
@@ -224,3 +225,9 @@ class VQVAE:
 
     def inference_modules(self) -> tuple[str, ...]:
         return ("vqvae",)
+
+    def describe(self, config: VQVAEConfig, test: dict[str, float]) -> str:
+        summary = f"tokenizer, {config.codebook_size} codes"
+        if "psnr_db" in test:  # how well it reconstructs held-out images
+            summary += f", test PSNR {test['psnr_db']:.1f} dB, {test['codebook_usage']:.0%} of codes used"
+        return summary

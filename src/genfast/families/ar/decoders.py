@@ -1,4 +1,5 @@
-"""Decoding strategies for the `ar` family: loops around one transformer step.
+"""Decoding strategies for the `ar` family: loops around one transformer step, and DECODERS,
+the registry of their names (the CLI's --decode choices come from it).
 
 Every strategy turns a condition prefix and per-token uniform noise into a grid of
 image tokens, and counts its forward passes (what a speed-up must cut):
@@ -17,8 +18,12 @@ image tokens, and counts its forward passes (what a speed-up must cut):
               fill masked tokens fixes the most confident ones each step, on a cosine
               schedule, in a fixed number of steps. Needs the `masked` objective.
 
-Every strategy takes the same arguments (net, prefix, noise, options, static_step);
-`static_step`, the ar generator's cache of per-batch static steps, matters to `static` only.
+Every strategy takes the same arguments (network, prefix, noise, options) and returns
+(tokens, passes); `network` holds the transformer and the two kinds of pass it offers,
+either of which an engine may have wrapped. A strategy's registry entry says which
+training objective it needs and which of its passes has fixed shapes: that is all an
+engine (compile, cudagraph) learns about it, through the generator (generator.py).
+Adding a strategy means a function here and one registry entry.
 
 Noise: three uniforms per token position, `u` (draws by inverse CDF), `r` (the Jacobi
 acceptance test; MaskGIT's confidence noise) and `v` (Jacobi's draw from the residual
@@ -29,10 +34,13 @@ and `static` give the same tokens for the same noise.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from genfast.families.ar.model import ARNet, Step
 
 
 @dataclass
@@ -42,6 +50,24 @@ class Options:
     top_k: int = 0             # 0 = the whole vocabulary
     parallel_steps: int = 8    # MaskGIT's number of steps
     jacobi_window: int = 16    # drafts checked per Jacobi pass
+
+
+@dataclass
+class Network:
+    """What a strategy runs. `net` gives the conditioning and the sizes; `forward` is the
+    full-sequence pass (prefix, tokens) -> logits at every position, and `static_step(rows)`
+    the fixed-shape cached step for a batch of `rows`: by default the network's own, or
+    an engine's compiled or recorded ones."""
+
+    net: ARNet
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    static_step: Callable[[int], Step] | None = None
+
+    def __post_init__(self):
+        if self.forward is None:
+            self.forward = self.net
+        if self.static_step is None:
+            self.static_step = lambda rows: self.net.static_step(rows, self.net.null.device)
 
 
 def guided_probs(logits: torch.Tensor, options: Options, guided: bool) -> torch.Tensor:
@@ -71,7 +97,7 @@ class Decoder:
     """The shared set-up: the condition prefix (doubled with the null condition under
     guidance), the sequence length and the passes counter."""
 
-    def __init__(self, net, prefix: torch.Tensor, options: Options):
+    def __init__(self, net: ARNet, prefix: torch.Tensor, options: Options):
         self.options = options
         self.guided = options.cfg != 1.0
         self.prefix = torch.cat([prefix, net.null_prefix(len(prefix))]) if self.guided else prefix
@@ -85,17 +111,17 @@ class Decoder:
         return guided_probs(logits, self.options, self.guided)
 
 
-def naive(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options,
-          static_step=None) -> tuple[torch.Tensor, int]:
-    d = Decoder(net, prefix, options)
+def naive(network: Network, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
+    d = Decoder(network.net, prefix, options)
     tokens = torch.zeros(d.batch, 0, dtype=torch.long, device=prefix.device)
     for i in range(d.length):
-        logits = net(d.prefix, d.rows(tokens))[:, -1]
+        logits = network.forward(d.prefix, d.rows(tokens))[:, -1]
         tokens = torch.cat([tokens, draw(d.probs(logits), noise[:, 0, i])[:, None]], 1)
     return tokens, d.passes
 
 
-def _cached(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options, stepper) -> tuple[torch.Tensor, int]:
+def _cached(net: ARNet, prefix: torch.Tensor, noise: torch.Tensor, options: Options,
+            stepper) -> tuple[torch.Tensor, int]:
     """The loop of `kv` and `static`: the prefix in one pass (prefill), then one token a pass."""
     d = Decoder(net, prefix, options)
     logits = stepper.prefill(d.prefix)
@@ -108,26 +134,25 @@ def _cached(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options, st
     return torch.stack(tokens, 1), d.passes
 
 
-def kv(net, prefix, noise, options, static_step=None):
-    return _cached(net, prefix, noise, options, net.dynamic_step())
+def kv(network: Network, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
+    return _cached(network.net, prefix, noise, options, network.net.dynamic_step())
 
 
-def static(net, prefix, noise, options, static_step=None):
-    """`static_step(rows)` gives the (possibly compiled or graph-captured) step for a batch
-    of `rows`; by default a plain one over a StaticCache."""
+def static(network: Network, prefix: torch.Tensor, noise: torch.Tensor,
+           options: Options) -> tuple[torch.Tensor, int]:
+    """The step for a batch of `rows` over a StaticCache (possibly compiled or graph-captured)."""
     rows = len(prefix) * (2 if options.cfg != 1.0 else 1)
-    step = static_step(rows) if static_step else net.static_step(rows, prefix.device)
-    return _cached(net, prefix, noise, options, step)
+    return _cached(network.net, prefix, noise, options, network.static_step(rows))
 
 
-def jacobi(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options,
-           static_step=None) -> tuple[torch.Tensor, int]:
+def jacobi(network: Network, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
     """Speculative Jacobi decoding. Each pass runs the whole draft sequence; per row,
     drafts from the first unaccepted position on are tested left to right (at most
     `jacobi_window`): draft x ~ q is kept with probability min(1, p(x)/q(x)); the first
     rejected one is replaced by a draw from the residual max(p - q, 0) and ends the run.
     At least one token is settled per pass. Positions after the run are redrafted from
     the latest p, which becomes their q. The first drafts come from the uniform q."""
+    net = network.net
     d = Decoder(net, prefix, options)
     batch, length, vocab = d.batch, d.length, net.vocab_size
     u, r, v = noise[:, 0], noise[:, 1], noise[:, 2]
@@ -136,7 +161,7 @@ def jacobi(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options,
     accepted = torch.zeros(batch, dtype=torch.long, device=prefix.device)
     positions = torch.arange(length, device=prefix.device)
     while bool((accepted < length).any()):
-        logits = net(d.prefix, d.rows(drafts[:, :-1]))[:, net.prefix_tokens - 1:]
+        logits = network.forward(d.prefix, d.rows(drafts[:, :-1]))[:, net.prefix_tokens - 1:]
         p = d.probs(logits)  # (B, T, V): p[:, j] is the distribution of token j given the drafts before it
         ratio = p.gather(2, drafts[..., None]).squeeze(2) / q.gather(2, drafts[..., None]).squeeze(2)
         tested = (positions >= accepted[:, None]) & (positions < accepted[:, None] + options.jacobi_window)
@@ -158,18 +183,19 @@ def jacobi(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options,
     return drafts, d.passes
 
 
-def parallel(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options,
-             static_step=None) -> tuple[torch.Tensor, int]:
+def parallel(network: Network, prefix: torch.Tensor, noise: torch.Tensor,
+             options: Options) -> tuple[torch.Tensor, int]:
     """MaskGIT decoding: every step predicts all masked tokens at once and fixes the most
     confident, leaving T * cos(pi/2 * step/steps) masked; confidence is the token's log
     probability plus Gumbel noise annealed to zero (Chang et al.'s choice-temperature)."""
+    net = network.net
     d = Decoder(net, prefix, options)
     batch, length, steps = d.batch, d.length, options.parallel_steps
     tokens = torch.full((batch, length), net.mask_token, dtype=torch.long, device=prefix.device)
     masked = torch.ones(batch, length, dtype=torch.bool, device=prefix.device)
     gumbel = -torch.log(-torch.log(noise[:, 1].clamp(1e-10, 1 - 1e-7)))
     for step in range(steps):
-        logits = net(d.prefix, d.rows(tokens))[:, net.prefix_tokens:]
+        logits = network.forward(d.prefix, d.rows(tokens))[:, net.prefix_tokens:]
         p = d.probs(logits)
         sampled = draw(p, noise[:, 0])
         confidence = p.gather(2, sampled[..., None]).squeeze(2).clamp_min(1e-30).log()
@@ -187,5 +213,25 @@ def parallel(net, prefix: torch.Tensor, noise: torch.Tensor, options: Options,
     return tokens, d.passes
 
 
-DECODERS = {"naive": naive, "kv": kv, "static": static, "jacobi": jacobi, "parallel": parallel}
-CAUSAL = ("naive", "kv", "static", "jacobi")
+@dataclass(frozen=True)
+class Strategy:
+    """A registry entry: the loop, what it needs, and which of its passes has fixed shapes."""
+
+    run: Callable[[Network, torch.Tensor, torch.Tensor, Options], tuple[torch.Tensor, int]]
+    objective: str             # the training objective it decodes: "causal" or "masked"
+    fixed: str | None          # its fixed-shape pass: "step" (static_step), "forward", or None (inputs grow)
+    summary: str               # one line for --help
+
+
+DECODERS: dict[str, Strategy] = {
+    "naive": Strategy(naive, "causal", None, "the whole sequence again for every token"),
+    "kv": Strategy(kv, "causal", None, "one token a pass over a growing key/value cache"),
+    "static": Strategy(static, "causal", "step", "kv over a cache of fixed size: compile and cudagraph wrap its step"),
+    "jacobi": Strategy(jacobi, "causal", "forward", "speculative Jacobi: all tokens drafted, checked, redrafted"),
+    "parallel": Strategy(parallel, "masked", "forward", "MaskGIT: the most confident masked tokens fixed per step"),
+}
+
+
+def fitting(objective: str) -> list[str]:
+    """The strategies that decode a model trained with `objective`."""
+    return [name for name, strategy in DECODERS.items() if strategy.objective == objective]

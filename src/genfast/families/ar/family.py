@@ -1,0 +1,182 @@
+"""The `ar` family: LLM image generation, a GPT over VQ-VAE image tokens, conditioned on a class
+or a text prompt.
+
+Stage one is the VQ-VAE tokenizer (tokenizer.py, its own family `vqvae`), trained on
+its own; stage two, this family, trains a decoder-only transformer (model.py) on the
+tokenizer's 7x7 grids read row by row, after a prefix that carries the condition:
+- a class: a learned embedding per class;
+- a text prompt: its all-MiniLM-L6-v2 sentence embedding (text.py), projected into
+  the prefix; trained on several phrasings per class, so held-out phrasings work
+  through the language model;
+- nothing: a learned null prefix. The condition is replaced by it at random in
+  training (`p_uncond`), which is what classifier-free guidance (`cfg`) needs.
+
+Two objectives: `causal` (next-token prediction: the naive, kv, static and jacobi
+decoders) and `masked` (MaskGIT: bidirectional attention, a cosine-scheduled
+fraction of tokens replaced by a mask token and predicted: the parallel decoder).
+The decoders (decoders.py) run inside the sampler's network (generator.py).
+
+The checkpoint holds the tokenizer too, so it samples with nothing else; a text
+model also holds the embeddings of its training captions (a class then stands for
+the mean of its phrasings), and needs MiniLM only for new prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genfast import checkpoint
+from genfast import config as configlib
+from genfast.config import require
+from genfast.distributed import unwrap
+from genfast.errors import GenfastError
+from genfast.families.ar import decoders, text
+from genfast.families.ar.generator import ARGenerator, check_decode
+from genfast.families.ar.model import PRESETS, ARConfig, ARNet
+from genfast.families.ar.tokenizer import VQVAEConfig, VQVAENet
+from genfast.families.base import Family, Sampler
+
+
+def tokenizer_config(config: ARConfig) -> VQVAEConfig:
+    if not config.tokenizer_config:
+        raise GenfastError("this ar config names no tokenizer; it is filled in when training starts")
+    return configlib.from_dict(VQVAEConfig, json.loads(config.tokenizer_config))
+
+
+class AR(Family):
+    name = "ar"
+    config_class = ARConfig
+    presets = PRESETS
+    generative = True
+    optimizer_keys = ("lr", "weight_decay", "beta1", "beta2", "warmup_steps")
+    sampling_keys = ("decode", "cfg", "temperature", "top_k", "parallel_steps", "jacobi_window")
+
+    def model_name(self, config: ARConfig) -> str:
+        base = "maskgit" if config.objective == "masked" else "ar"
+        return f"{base}-text" if config.text else base
+
+    def prepare(self, config: ARConfig, train_set) -> tuple[ARConfig, dict[str, dict[str, torch.Tensor]]]:
+        """Before a new run: the tokenizer it builds on (config and weights), and for a text
+        model the MiniLM embeddings of its training captions."""
+        name = config.tokenizer or f"vqvae-{train_set.name}"
+        try:
+            tokenizer = checkpoint.load(name)
+        except GenfastError as e:
+            raise GenfastError(f"ar trains on a VQ-VAE's tokens and found none ({e}); train one with "
+                               f"'genfast train vqvae --data {train_set.name} --out DIR' and pass "
+                               "tokenizer=DIR/checkpoint.safetensors") from None
+        if tokenizer.family != "vqvae":
+            raise GenfastError(f"tokenizer {name} is a '{tokenizer.family}' checkpoint, not a vqvae")
+        shape = [tokenizer.config["channels"], tokenizer.config["image_size"], tokenizer.config["image_size"]]
+        if shape != list(train_set.image_shape):
+            raise GenfastError(f"tokenizer {name} encodes {shape} images, but the data set has "
+                               f"{list(train_set.image_shape)}; train a tokenizer on this data set")
+        changes: dict[str, Any] = {"tokenizer": str(name), "tokenizer_config": json.dumps(tokenizer.config),
+                                   "conditional": config.conditional or config.text}
+        initial = {"tokenizer": {k: v.float() for k, v in tokenizer.modules["vqvae"].items()}}
+        if config.text:
+            phrasings = text.captions(train_set.name, train_set.class_names)
+            count = min(len(p) for p in phrasings)
+            embedded = text.encoder()([p for per_class in phrasings for p in per_class[:count]])
+            changes["phrasings"] = count
+            initial["gpt"] = {"captions": embedded.view(len(phrasings), count, -1)}
+        return configlib.override(config, changes), initial
+
+    def build(self, config: ARConfig) -> dict[str, nn.Module]:
+        require(config, positive=("n_layer", "n_head", "n_embd", "prefix_tokens", "batch_size", "lr"),
+                non_negative=("weight_decay", "warmup_steps"), unit=("dropout", "p_uncond", "beta1", "beta2"))
+        if config.objective not in ("causal", "masked"):
+            raise GenfastError(f"objective must be 'causal' or 'masked', got '{config.objective}'")
+        if config.n_embd % config.n_head:
+            raise GenfastError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
+        if (config.conditional or config.text) and config.num_classes < 2:
+            raise GenfastError("a conditional ar model needs a labelled data set with at least 2 classes")
+        self.check_sampling(config)
+        vq = tokenizer_config(config)
+        tokenizer = VQVAENet(vq).requires_grad_(False)
+        return {"tokenizer": tokenizer, "gpt": ARNet(config, vq.codebook_size, (vq.image_size // 4) ** 2)}
+
+    def optimizers(self, modules: dict[str, nn.Module], config: ARConfig) -> dict[str, torch.optim.Optimizer]:
+        # nanoGPT's split: weight decay on weight matrices and embeddings, none on biases,
+        # norms and position embeddings.
+        decay = [p for n, p in modules["gpt"].named_parameters() if p.dim() >= 2 and "wpe" not in n]
+        rest = [p for n, p in modules["gpt"].named_parameters() if not (p.dim() >= 2 and "wpe" not in n)]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                       {"params": rest, "weight_decay": 0.0}],
+                                      lr=config.lr, betas=(config.beta1, config.beta2))
+        return {"gpt": optimizer}
+
+    def train_step(self, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                   images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
+                   config: ARConfig) -> dict[str, float]:
+        # The forward pass goes through modules["gpt"] (DDP when several processes train);
+        # the network's own methods through `net`.
+        net, optimizer = unwrap(modules["gpt"]), optimizers["gpt"]
+        with torch.no_grad():
+            tokens = modules["tokenizer"].eval().encode(images)
+        batch, length = tokens.shape
+        device = tokens.device
+        condition = None
+        if net.conditional:
+            dropped = torch.rand(batch, generator=generator, device=generator.device).to(device) < config.p_uncond
+            if config.text:  # a random phrasing of each image's class
+                pick = torch.randint(config.phrasings, (batch,), generator=generator, device=generator.device)
+                condition = net.captions[labels, pick.to(device)]
+                condition = condition.masked_fill(dropped[:, None], 0.0)
+            else:
+                condition = labels.masked_fill(dropped, -1)
+        prefix = net.prefix(condition) if condition is not None else net.null_prefix(batch)
+        if config.objective == "causal":
+            logits = modules["gpt"](prefix, tokens[:, :-1])[:, config.prefix_tokens - 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+        else:  # MaskGIT: mask a cosine-scheduled fraction, predict the masked tokens
+            ratio = torch.cos(math.pi / 2 * torch.rand(batch, generator=generator, device=generator.device)).to(device)
+            count = (ratio * length).ceil().clamp(1, length)
+            scores = torch.rand(batch, length, generator=generator, device=generator.device).to(device)
+            masked = scores.argsort(1).argsort(1) < count[:, None]
+            logits = modules["gpt"](prefix, tokens.masked_fill(masked, net.mask_token))[:, config.prefix_tokens:]
+            loss = F.cross_entropy(logits[masked], tokens[masked])
+        step = optimizer.state[next(iter(net.parameters()))].get("step", 0)
+        for group in optimizer.param_groups:  # linear warm-up, then constant
+            group["lr"] = config.lr * min(1.0, (float(step) + 1) / max(1, config.warmup_steps))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        return {"loss": loss.item(), "bits_per_token": loss.item() / math.log(2)}
+
+    def sampler(self, modules: dict[str, nn.Module], config: ARConfig, class_names: tuple[str, ...]) -> Sampler:
+        sampler = Sampler.from_module(
+            ARGenerator(modules["tokenizer"], modules["gpt"], config.decode, options_of(config)),
+            noise_shape=(3, modules["gpt"].sequence_length),
+            image_shape=(tokenizer_config(config).channels, config.image_size, config.image_size),
+            class_names=class_names if (config.conditional or config.text) else ())
+        return dataclasses.replace(sampler, encode_prompt=encode_prompt) if config.text else sampler
+
+    def check_sampling(self, config: ARConfig) -> None:
+        require(config, positive=("parallel_steps", "jacobi_window"), non_negative=("temperature", "top_k", "cfg"))
+        check_decode(config.objective, config.decode)
+
+    def inference_modules(self) -> tuple[str, ...]:
+        return ("tokenizer", "gpt")
+
+    def describe(self, config: ARConfig, test: dict[str, float]) -> str:
+        return "text prompts" if config.text else super().describe(config, test)
+
+
+def encode_prompt(prompt: str) -> torch.Tensor:
+    """A prompt's (1, 384) condition row: its MiniLM embedding, or zeros (the null
+    condition) for an empty prompt, which needs no language model."""
+    return text.encoder()([prompt]) if prompt.strip() else torch.zeros(1, text.EMBEDDING_DIM)
+
+
+def options_of(config: ARConfig) -> decoders.Options:
+    return decoders.Options(cfg=config.cfg, temperature=config.temperature, top_k=config.top_k,
+                            parallel_steps=config.parallel_steps, jacobi_window=config.jacobi_window)

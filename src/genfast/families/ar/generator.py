@@ -1,0 +1,107 @@
+"""What an `ar` sampler runs: noise and a condition -> tokens through a decoding strategy ->
+pixels through the tokenizer's decoder, and the acceleration surface engines use.
+
+The generator is a LoopNetwork (families/base.py): compile and cudagraph never learn
+which strategy it runs. They ask for its fixed-shape part, which the strategy's
+registry entry names (decoders.py): the static decoder's token step (one wrapped step
+is kept per batch size, so compiling or recording happens once per size, and its
+cache buffers are reused), or the full-sequence pass of jacobi and parallel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from genfast.errors import GenfastError
+from genfast.families.ar import decoders
+from genfast.families.ar.model import ARNet, Step
+from genfast.families.ar.tokenizer import VQVAENet
+from genfast.families.base import FixedPart, LoopNetwork, Wrap
+
+PARTS = {"step": FixedPart("the static decoder's token step", recordable=True),
+         "forward": FixedPart("the full-sequence pass", recordable=False)}
+
+
+class ARGenerator(LoopNetwork):
+    """noise (B, 3, T) and a condition -> pixels. `passes` is the last call's count of
+    forward passes (per image: every row of the batch takes them together)."""
+
+    def __init__(self, tokenizer: VQVAENet, net: ARNet, decode: str, options: decoders.Options,
+                 wrap: Wrap | None = None):
+        super().__init__()
+        check_decode(net.objective, decode)
+        self.tokenizer, self.net = tokenizer, net
+        self.decode, self.options, self.passes = decode, options, 0
+        self.wrap, self.steps = wrap, {}
+        fixed = decoders.DECODERS[decode].fixed
+        self.forward_pass = wrap(net) if wrap and fixed == "forward" else None
+
+    def __getstate__(self):
+        # The per-batch steps are a cache (of compiled code and cache buffers): a copy
+        # (bf16's deepcopy) starts without them and builds its own.
+        return self.__dict__ | {"steps": {}}
+
+    # --- the acceleration surface (LoopNetwork) ------------------------------------------
+
+    def fixed_part(self) -> FixedPart | None:
+        fixed = decoders.DECODERS[self.decode].fixed
+        return None if fixed is None else PARTS[fixed]
+
+    def fixed_part_advice(self, recordable: bool) -> str:
+        fitting = [name for name in decoders.fitting(self.net.objective)
+                   if (fixed := decoders.DECODERS[name].fixed) and (PARTS[fixed].recordable or not recordable)]
+        return (f"use --decode {' or '.join(fitting)}" if fitting else
+                f"no strategy of this {self.net.objective} model has one") + f" ({self.decode} has none)"
+
+    def with_fixed_part(self, wrap: Wrap) -> ARGenerator:
+        inner = self.wrap
+        return ARGenerator(self.tokenizer, self.net, self.decode, self.options,
+                           wrap if inner is None else lambda part: wrap(inner(part)))
+
+    def with_decoding(self, decode: str | None = None, **options) -> ARGenerator:
+        changes = {key: value for key, value in options.items() if value is not None}
+        return ARGenerator(self.tokenizer, self.net, decode or self.decode,
+                           dataclasses.replace(self.options, **changes))
+
+    # --- sampling ------------------------------------------------------------------------
+
+    def static_step(self, rows: int):
+        if rows not in self.steps:
+            step = self.net.static_step(rows, self.net.null.device)
+            fixed = decoders.DECODERS[self.decode].fixed
+            self.steps[rows] = _Wrapped(step, self.wrap(step)) if self.wrap and fixed == "step" else step
+        return self.steps[rows]
+
+    def tokens(self, noise: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        uniforms = torch.special.ndtr(noise.float())  # Gaussian noise -> uniforms, one set per position
+        prefix = self.net.prefix(condition) if condition is not None else self.net.null_prefix(len(noise))
+        network = decoders.Network(self.net, self.forward_pass, self.static_step)
+        tokens, self.passes = decoders.DECODERS[self.decode].run(network, prefix, uniforms, self.options)
+        return tokens
+
+    def forward(self, noise: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        return self.tokenizer.decode(self.tokens(noise, condition))
+
+
+class _Wrapped:
+    """A static step whose token steps run through an engine's wrapper; the prefill (one
+    pass of another shape) runs as it is, on the same cache."""
+
+    def __init__(self, step: Step, run: Callable):
+        self.step, self.run = step, run
+
+    def prefill(self, prefix: torch.Tensor) -> torch.Tensor:
+        return self.step.prefill(prefix)
+
+    def __call__(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return self.run(tokens, position)
+
+
+def check_decode(objective: str, decode: str) -> None:
+    allowed = decoders.fitting(objective)
+    if decode not in allowed:
+        raise GenfastError(f"decode '{decode}' does not fit this {objective} model; choose one of: "
+                           f"{', '.join(allowed)}")

@@ -1,0 +1,217 @@
+"""The transformer of the `ar` family: a GPT over image tokens after a condition prefix.
+
+nanoGPT's block (pre-LayerNorm, multi-head attention through
+scaled_dot_product_attention, a 4x GELU MLP) over the tokenizer's grid read row by
+row, after `prefix_tokens` positions that carry the condition: a learned embedding
+per class, a projected MiniLM prompt embedding (text.py), or the learned null prefix
+(what classifier-free guidance needs). The caches and the one-token `Step` are what
+the cached decoders (decoders.py) run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genfast.errors import GenfastError
+from genfast.families.ar.text import EMBEDDING_DIM
+from genfast.families.base import TrainedConfig
+
+
+@dataclass
+class ARConfig(TrainedConfig):
+    tokenizer: str = ""          # VQ-VAE checkpoint or shipped name (default: the shipped vqvae-<data set>)
+    tokenizer_config: str = ""   # that tokenizer's config as JSON: filled in when training starts
+    text: bool = False           # condition on text prompts (MiniLM) rather than class labels
+    phrasings: int = 0           # training captions per class (text models): filled in when training starts
+    objective: str = "causal"    # causal (GPT) | masked (MaskGIT)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 192
+    dropout: float = 0.1
+    prefix_tokens: int = 1       # positions the condition takes at the start of the sequence
+    p_uncond: float = 0.1        # chance a training example's condition is dropped (for guidance)
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 200
+    # How `genfast sample` decodes unless told otherwise.
+    decode: str = "kv"
+    cfg: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    parallel_steps: int = 8
+    jacobi_window: int = 16
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "tiny": {"n_layer": 1, "n_head": 2, "n_embd": 16, "batch_size": 32, "warmup_steps": 0},
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ARConfig):
+        super().__init__()
+        self.heads = c.n_head
+        self.qkv = nn.Linear(c.n_embd, 3 * c.n_embd)
+        self.proj = nn.Linear(c.n_embd, c.n_embd)
+        self.dropout = c.dropout
+        self.causal = c.objective == "causal"
+
+    def forward(self, x: torch.Tensor, cache=None, layer: int = 0, positions: torch.Tensor | None = None):
+        batch, n, width = x.shape
+        q, k, v = (t.view(batch, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(width, dim=2))
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal)
+        else:
+            k, v, mask = cache.update(layer, k, v, positions)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(batch, n, width))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ARConfig):
+        super().__init__()
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(c.n_embd), Attention(c), nn.LayerNorm(c.n_embd)
+        self.mlp = nn.Sequential(nn.Linear(c.n_embd, 4 * c.n_embd), nn.GELU(), nn.Linear(4 * c.n_embd, c.n_embd),
+                                 nn.Dropout(c.dropout))
+
+    def forward(self, x, cache=None, layer=0, positions=None):
+        x = x + self.attn(self.ln1(x), cache, layer, positions)
+        return x + self.mlp(self.ln2(x))
+
+
+class DynamicCache:
+    """Keys and values of every position so far, grown by concatenation (`kv`)."""
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, layer, k, v, positions):
+        if layer in self.keys:
+            k, v = torch.cat([self.keys[layer], k], 2), torch.cat([self.values[layer], v], 2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v, torch.arange(k.shape[2], device=k.device)[None] <= positions[:, None]
+
+
+class StaticCache(nn.Module):
+    """Keys and values in buffers of the full sequence length, written in place at the
+    step's positions; attention covers all slots through a mask (`static`). Buffers, so
+    that a compiled or graph-captured step sees the same tensors on every call."""
+
+    def __init__(self, layers: int, batch: int, heads: int, length: int, head_dim: int, device, dtype):
+        super().__init__()
+        shape = (layers, batch, heads, length, head_dim)
+        self.register_buffer("keys", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("values", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("slots", torch.arange(length, device=device), persistent=False)
+
+    def update(self, layer, k, v, positions):
+        self.keys[layer].index_copy_(2, positions, k)
+        self.values[layer].index_copy_(2, positions, v)
+        return self.keys[layer], self.values[layer], self.slots[None] <= positions[:, None]
+
+
+class Step(nn.Module):
+    """One decoding step over a cache: the prefix in one pass (`prefill`), then
+    (tokens (B, 1), position (1,)) -> logits (B, V) a token at a time. Over a
+    StaticCache every token step has the same shapes, so `compile` and `cudagraph` can
+    wrap it (the LlamaGen / gpt-fast recipe); its cache is reused across calls without
+    clearing, since a slot is read only after the call has written it."""
+
+    def __init__(self, net: ARNet, cache: DynamicCache | StaticCache):
+        super().__init__()
+        self.net, self.cache = net, cache
+
+    def prefill(self, prefix: torch.Tensor) -> torch.Tensor:
+        return self.net.step(prefix, self.cache, torch.arange(prefix.shape[1], device=prefix.device))[:, -1]
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return self.net.step(self.net.wte(tokens), self.cache, position)[:, -1]
+
+
+class ARNet(nn.Module):
+    """The transformer and its conditioning: (prefix, tokens) -> next-token logits."""
+
+    def __init__(self, c: ARConfig, vocab_size: int, grid_tokens: int):
+        super().__init__()
+        self.vocab_size, self.sequence_length, self.prefix_tokens = vocab_size, grid_tokens, c.prefix_tokens
+        self.mask_token = vocab_size  # an extra embedding row (masked objective)
+        self.objective = c.objective
+        self.text, self.conditional, self.num_classes = c.text, c.conditional or c.text, c.num_classes
+        self.width, self.heads, self.layers = c.n_embd, c.n_head, c.n_layer
+        self.wte = nn.Embedding(vocab_size + 1, c.n_embd)
+        self.wpe = nn.Embedding(c.prefix_tokens + grid_tokens, c.n_embd)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd)
+        self.head = nn.Linear(c.n_embd, vocab_size, bias=False)
+        prefix_width = c.prefix_tokens * c.n_embd
+        self.null = nn.Parameter(torch.zeros(prefix_width))
+        if c.text:
+            self.project = nn.Linear(EMBEDDING_DIM, prefix_width)
+            self.register_buffer("captions", torch.zeros(c.num_classes, c.phrasings, EMBEDDING_DIM))
+        elif self.conditional:
+            self.classes = nn.Embedding(c.num_classes, prefix_width)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module):  # GPT-2's initialisation
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # --- conditioning ---------------------------------------------------------------------
+
+    def null_prefix(self, batch: int) -> torch.Tensor:
+        return self.null.view(1, self.prefix_tokens, -1).expand(batch, -1, -1)
+
+    def prefix(self, condition: torch.Tensor) -> torch.Tensor:
+        """(B, P, C) prefix for class ids (B,) (-1: none) or prompt embeddings (B, 384)
+        (an all-zero row: none)."""
+        if not self.conditional:
+            return self.null_prefix(len(condition))
+        if condition.is_floating_point():  # prompt embeddings
+            if not self.text:
+                raise GenfastError("this model is conditioned on classes, not text prompts")
+            none = condition.abs().sum(-1) == 0
+            mapped = self.project(condition.to(self.null.dtype))
+        else:
+            none, ids = condition < 0, condition.clamp_min(0)
+            # A class on a text model stands for the mean of its training phrasings.
+            mapped = self.project(F.normalize(self.captions[ids].mean(1), dim=-1)) if self.text else self.classes(ids)
+        mapped = torch.where(none[:, None], self.null[None], mapped)
+        return mapped.view(len(condition), self.prefix_tokens, -1)
+
+    # --- the transformer ------------------------------------------------------------------
+
+    def forward(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits at every position of [prefix, tokens] (no cache)."""
+        x = torch.cat([prefix, self.wte(tokens)], 1)
+        x = self.drop(x + self.wpe(torch.arange(x.shape[1], device=x.device)))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+    def step(self, x: torch.Tensor, cache, positions: torch.Tensor) -> torch.Tensor:
+        """Logits of new positions (embeddings x at `positions`), reading and extending `cache`."""
+        x = x + self.wpe(positions)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer, positions)
+        return self.head(self.ln_f(x))
+
+    def dynamic_step(self) -> Step:
+        return Step(self, DynamicCache())
+
+    def static_step(self, batch: int, device) -> Step:
+        return Step(self, StaticCache(self.layers, batch, self.heads, self.prefix_tokens + self.sequence_length,
+                                      self.width // self.heads, device, self.null.dtype))
