@@ -352,6 +352,32 @@ def test_graphed_step_records_once_and_replays_into_the_same_cache(tiny_ar):
     for _ in range(2):
         assert torch.equal(generator.tokens(noise, labels), expected)
     assert len(recorded) == 1  # one recording (rows: 3 images x 2 for guidance), replayed 2 x 48 times
+    graphed = generator.steps[6].run
+    with pytest.raises(ValueError, match="the shapes it was recorded with"):
+        graphed(torch.zeros(5, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+
+
+def test_engines_ask_the_loop_for_its_fixed_part_and_say_what_has_one(tiny_ar):
+    """What compile and cudagraph learn from the generator, per strategy, without naming one."""
+    from genfast import engines
+
+    sampler = genfast.load(tiny_ar)
+    parts = {decode: sampler.with_decoding(decode).module.fixed_part()
+             for decode in ("naive", "kv", "static", "jacobi")}
+    assert parts["naive"] is parts["kv"] is None
+    assert parts["static"].recordable and not parts["jacobi"].recordable
+    jacobi = sampler.with_decoding("jacobi").module
+    assert jacobi.fixed_part_advice(recordable=True) == ("use --decode static (jacobi's, the full-sequence pass, "
+                                                          "is not recordable)")
+    wrapped = []
+    static = sampler.with_decoding("static").module.with_fixed_part(lambda part: wrapped.append(part) or part)
+    twice = static.with_fixed_part(lambda part: wrapped.append("outer") or part)  # composes: inner first
+    twice.tokens(sampler.noise(2, 0), sampler.labels(2))
+    assert isinstance(wrapped[0], torch.nn.Module) and wrapped[1] == "outer" and len(wrapped) == 2
+    with pytest.raises(engines.EngineUnavailable, match=r"records a fixed-shape part .*: use --decode static \(jacobi"):
+        engines.apply(sampler.with_decoding("jacobi"), "cudagraph")
+    with pytest.raises(engines.EngineUnavailable, match="cudagraph needs a CUDA device"):
+        engines.apply(sampler.with_decoding("static"), "cudagraph")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -49,6 +49,19 @@ def test_train_sample_and_python_api_agree(tmp_path: Path, capsys):
         assert torch.equal(torch.from_numpy(np.array(Image.open(f))), expected[i, 0])
 
 
+def test_shared_options_keep_each_commands_default():
+    from genfast.cli import build_parser
+
+    parser = build_parser()
+    commands = (["train", "gan", "--out", "r"], ["sample", "m", "--out", "g.png"], ["eval", "m"], ["bench", "m"],
+                ["serve", "m"])
+    defaults = {argv[0]: parser.parse_args(argv) for argv in commands}
+    assert {name: args.device for name, args in defaults.items()} == {"train": "auto", "sample": "cpu", "eval": "cpu",
+                                                                     "bench": "cpu", "serve": "cpu"}
+    assert defaults["train"].seed is None and defaults["sample"].seed == 0  # --resume keeps a run's own seed
+    assert not defaults["sample"].quiet and defaults["sample"].engine == defaults["eval"].engine == "eager"
+
+
 def test_models_lists_shipped_checkpoints_name_first(capsys):
     status, out, _ = run(capsys, "models")
     assert status == 0

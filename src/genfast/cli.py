@@ -305,8 +305,10 @@ def _options(*adders) -> _Parser:
     return parent
 
 
-def _device(p):
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+def _device(default: str):
+    def add(p):
+        p.add_argument("--device", default=default, help=f"cpu | cuda | cuda:N | auto (default {default})")
+    return add
 
 
 def _quiet(p):
@@ -343,11 +345,13 @@ def _nproc(what: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="genfast", description="Train image generative models and generate images fast.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run_options = _options(_device, _quiet)                     # every command that computes
+    # Parents' actions are shared by the commands that take them, so one whose default
+    # differs (train's --device) gets its own parent rather than set_defaults on a shared one.
+    run_options = _options(_device("cpu"), _quiet)              # every command that computes
     model_options = _options(_model, _seed_option)              # every command about one model
     sampling = _options(_engine_option, _decoding)              # how a model's images are made
 
-    p = commands.add_parser("train", help="train a model", parents=[run_options])
+    p = commands.add_parser("train", help="train a model", parents=[_options(_device("auto"), _quiet)])
     p.add_argument("family", choices=sorted(FAMILIES), help="model family")
     # key=value config overrides are collected by main(), anywhere on the line.
     p.epilog = "Config overrides go anywhere as key=value, e.g. 'genfast train gan --data mnist lr_g=1e-4'."
@@ -368,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=_positive, default=10, help="steps between TensorBoard scalars")
     _nproc("train as N processes on this machine (DistributedDataParallel); the batch size stays the global batch")(p)
     p.add_argument("--sync-bn", action="store_true", help="several GPU processes: BatchNorm over the global batch")
-    p.set_defaults(run=cmd_train, device="auto")
+    p.set_defaults(run=cmd_train)
 
     p = commands.add_parser("sample", help="generate images from a checkpoint or a shipped model",
                             parents=[model_options, run_options, sampling])
@@ -420,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_export)
 
     p = commands.add_parser("serve", help="an HTTP service (and a web page) that generates images on request",
-                            parents=[_options(_device, _engine_option)])
+                            parents=[_options(_device("cpu"), _engine_option)])
     p.add_argument("models", nargs="+", help="shipped model names or checkpoint paths, loaded at start-up")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)

@@ -78,14 +78,15 @@ def compiled(sampler: Sampler) -> Sampler:
 def cudagraph(sampler: Sampler) -> Sampler:
     """Replays recorded graphs, not the module: nothing can wrap it after this. A looping
     sampler's fixed part is what is recorded, when its state lives in buffers."""
-    require_cuda(sampler.device)
     if sampler.loops:
         network = _loop_network(sampler, "cudagraph")
         part = network.fixed_part()
         if part is None or not part.recordable:
             raise EngineUnavailable(f"'cudagraph' records a fixed-shape part that keeps its state in buffers: "
                                     f"{network.fixed_part_advice(recordable=True)}")
+        require_cuda(sampler.device)
         return rewrap(sampler, network.with_fixed_part(GraphedCall))
+    require_cuda(sampler.device)
     return rewrap(sampler, None, GraphReplay(sampler.module.eval(), sampler.conditional))
 
 

@@ -53,8 +53,12 @@ class ARGenerator(LoopNetwork):
     def fixed_part_advice(self, recordable: bool) -> str:
         fitting = [name for name in decoders.fitting(self.net.objective)
                    if (fixed := decoders.DECODERS[name].fixed) and (PARTS[fixed].recordable or not recordable)]
-        return (f"use --decode {' or '.join(fitting)}" if fitting else
-                f"no strategy of this {self.net.objective} model has one") + f" ({self.decode} has none)"
+        current = self.fixed_part()
+        why = (f"{self.decode} has none" if current is None else
+               f"{self.decode}'s, {current.name}, is not recordable")
+        advice = f"use --decode {' or '.join(fitting)}" if fitting else \
+            f"no strategy of this {self.net.objective} model has one"
+        return f"{advice} ({why})"
 
     def with_fixed_part(self, wrap: Wrap) -> ARGenerator:
         inner = self.wrap
