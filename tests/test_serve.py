@@ -1,11 +1,17 @@
 """genfast serve: endpoints, dynamic batching that hands each request its own images,
-the limits (422, 429, 504), and the web page in a real headless Chromium."""
+the limits (413, 422, 429, 504), hostile bodies answered short, settings and ports refused
+in one line, and the web page in a real headless Chromium."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import json
+import math
+import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -18,16 +24,23 @@ pytest.importorskip("fastapi", reason="genfast serve needs the [serve] extra")
 import httpx  # noqa: E402
 
 from genfast import images, pretrained
+from genfast.errors import GenfastError
 from genfast.families.base import Sampler
-from genfast.serve import ServeOptions, create_app, model_key
+from genfast.serve import ServeOptions, create_app, model_key, serve
 
 
-def call(app, *requests: tuple[str, str, dict | None]) -> list[httpx.Response]:
-    """Send the requests at the same time (one event loop, as a server would see them)."""
+def call(app, *requests: tuple[str, str, dict | bytes | None]) -> list[httpx.Response]:
+    """Send the requests at the same time (one event loop, as a server would see them); a body
+    of bytes is sent as it is, as JSON text (httpx's encoder refuses NaN and lone surrogates)."""
+    def sent(body):
+        if isinstance(body, bytes):
+            return {"content": body, "headers": {"content-type": "application/json"}}
+        return {"json": body}
+
     async def send():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://genfast") as client:
-            return await asyncio.gather(*(client.request(method, url, json=body) for method, url, body in requests))
+            return await asyncio.gather(*(client.request(method, url, **sent(body)) for method, url, body in requests))
     return asyncio.run(send())
 
 
@@ -110,6 +123,175 @@ def test_each_malformed_field_is_a_422_that_names_it(tiny_cgan, body, field):
     assert response.status_code == 422
     assert any(detail["loc"][-1] in (field, f"{field}_") or detail["loc"][1] == field
                for detail in response.json()["detail"]), response.json()
+
+
+SHORT = 1000  # bytes: an answer that says what is wrong, not one that repeats the request
+
+
+@pytest.mark.parametrize("body, field", [
+    (b'{"model": "M", "n": 1e400}', "n"),                       # inf, which JSON cannot write back
+    (b'{"model": "M", "n": NaN}', "n"),
+    (b'{"model": "M", "seed": -Infinity}', "seed"),
+    (b'{"model": "M", "prompt": "\\ud800"}', "prompt"),         # a lone surrogate, which UTF-8 cannot write
+    (b'{"model": "M", "\\udfff": 1}', "body"),                  # a key UTF-8 cannot write
+    (b'{"model": "M", "class": "\\u00b2"}', "class"),           # "²".isdigit(), but int("²") fails
+    (b'{"model": "M", "class": true}', "class"),                # once read as class 1
+    (b'{"model": "M", "class": 2.0}', "class"),                 # once read as class 2
+    (b'{"model": "M", "class": 1.5}', "class"),
+    (b'{"model": "M", "n": true}', "n"),                        # once read as one image
+    (b'{"model": "M", "n": "2"}', "n"),
+    (b'{"model": "M", "n": 1' + b"0" * 4000 + b"}", "n"),       # once echoed in the message
+    (b'{"model": "' + b"m" * 60_000 + b'"}', "model"),
+    (b'{"model": "M", "pad": "' + b"x" * 60_000 + b'"}', "pad"),  # once echoed whole as the input
+    (b'{"model": "M", "n": 2', "body"),                         # cut short: no JSON
+])
+def test_hostile_json_is_a_short_422_that_names_the_field(tiny_cgan, body, field):
+    app = create_app([str(tiny_cgan)])
+    response, = call(app, ("POST", "/v1/generate", body.replace(b'"M"', f'"{model_key(str(tiny_cgan))}"'.encode())))
+    assert response.status_code == 422 and len(response.content) < SHORT, response.content[:SHORT]
+    detail = response.json()["detail"]
+    assert any(field in d["loc"] for d in detail), detail
+    assert all(len(d.get("input", "")) <= 80 for d in detail)
+
+
+def test_a_json_syntax_error_says_where_and_what(tiny_cgan):
+    app = create_app([str(tiny_cgan)])
+    response, = call(app, ("POST", "/v1/generate", b'{"model": "x" "n": 2}'))
+    assert response.status_code == 422
+    assert response.json()["detail"] == [{"loc": ["body", 14], "msg": "JSON decode error: Expecting ',' delimiter",
+                                          "type": "json_invalid", "input": "{}"}]
+
+
+def test_a_body_of_many_errors_is_answered_with_the_first_ten(tiny_cgan):
+    app = create_app([str(tiny_cgan)])
+    unknown = {f"k{i}": 0 for i in range(5000)}
+    response, = call(app, ("POST", "/v1/generate", {"model": model_key(str(tiny_cgan))} | unknown))
+    assert response.status_code == 422 and len(response.content) < 2 * SHORT
+    detail = response.json()["detail"]
+    assert [d["loc"] for d in detail[:10]] == [["body", f"k{i}"] for i in range(10)]
+    assert detail[10:] == [{"loc": ["body"], "msg": "and 4990 more errors", "type": "value_error"}]
+
+
+def test_a_lone_surrogate_never_reaches_the_tokenizer(tiny_text_ar):
+    app = create_app([str(tiny_text_ar)])
+    response, = call(app, ("POST", "/v1/generate",
+                           f'{{"model": "{model_key(str(tiny_text_ar))}", "prompt": "a \\ud83d boot"}}'.encode()))
+    assert response.status_code == 422 and len(response.content) < SHORT
+    assert response.json()["detail"][0]["loc"] == ["body", "prompt"]
+
+
+def test_a_body_over_the_limit_is_a_413_and_is_read_no_further(tiny_cgan):
+    key = model_key(str(tiny_cgan))
+    app = create_app([str(tiny_cgan)], ServeOptions(max_body_bytes=1000))
+    exact = json.dumps({"model": key, "n": 2, "seed": 1, "format": "npz"}).encode().ljust(1000)
+    fits, over = call(app, ("POST", "/v1/generate", exact), ("POST", "/v1/generate", exact + b" "))
+    assert fits.status_code == 200
+    assert over.status_code == 413 and len(over.content) < SHORT and "1000 bytes" in over.json()["detail"]
+
+    sent = []
+
+    async def chunks():  # no Content-Length: the body comes chunked, 100 kB if all of it were read
+        for _ in range(1000):
+            sent.append(100)
+            yield b" " * 100
+
+    async def chunked(length: str | None = None):
+        headers = {"content-type": "application/json"} | ({"content-length": length} if length else {})
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://genfast") as client:
+            return await client.post("/v1/generate", content=chunks(), headers=headers)
+
+    response = asyncio.run(chunked())
+    assert response.status_code == 413 and "content-length" not in response.request.headers
+    assert sum(sent) <= 1100  # the limit and the chunk that crossed it
+    sent.clear()
+    response = asyncio.run(chunked("100000"))
+    assert response.status_code == 413 and sent == []  # refused on its word, before a byte is read
+
+    # The default admits the largest legitimate body: 4000 characters, each a 12-byte JSON escape.
+    prompt = json.dumps({"model": key, "prompt": "\U0001f462" * 4000}).encode()
+    assert len(prompt) > 48_000
+    response, = call(create_app([str(tiny_cgan)]), ("POST", "/v1/generate", prompt))
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "prompt"]  # takes classes
+
+
+def test_the_app_serves_again_after_its_lifespan_ended(tiny_gan):
+    from starlette.testclient import TestClient
+
+    app = create_app([str(tiny_gan)])
+    with TestClient(app):  # starts and ends the lifespan, as schemathesis does for each test
+        pass
+    response, = call(app, ("POST", "/v1/generate", {"model": model_key(str(tiny_gan)), "n": 2, "format": "npz"}))
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(timeout_s=0), "--timeout must be more than 0 seconds, got 0"),
+    (dict(timeout_s=math.nan), "--timeout must be more than 0 seconds, got nan"),
+    (dict(max_wait_ms=-1), "--max-wait-ms must be a finite number of milliseconds from 0 up, got -1"),
+    (dict(max_wait_ms=math.inf), "--max-wait-ms must be a finite number of milliseconds from 0 up, got inf"),
+    (dict(max_batch=0), "--max-batch must be at least 1, got 0"),
+    (dict(max_n=0), "--max-n must be at least 1, got 0"),
+    (dict(max_queue=0), "--max-queue must be at least 1, got 0"),
+    (dict(max_body_bytes=0), "max_body_bytes must be at least 1, got 0"),
+])
+def test_settings_no_server_could_run_with_are_refused_in_one_line(options, message):
+    with pytest.raises(GenfastError) as refused:
+        create_app([], ServeOptions(**options))
+    assert str(refused.value) == message
+
+
+@pytest.fixture
+def busy_port():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+@pytest.mark.parametrize("host, port, message", [
+    ("127.0.0.1", -1, "--port must be in 1..65535, got -1"),
+    ("127.0.0.1", 65536, "--port must be in 1..65535, got 65536"),
+    ("127.0.0.1", "busy", "cannot listen on 127.0.0.1:{port}: Address already in use"),
+    ("192.0.2.1", 8000, "cannot listen on 192.0.2.1:8000: Cannot assign requested address"),  # TEST-NET: not here
+])
+def test_a_port_serve_cannot_listen_on_is_one_line(tiny_gan, busy_port, capsys, host, port, message):
+    from genfast.cli import main
+
+    port = busy_port if port == "busy" else port
+    assert main(["serve", str(tiny_gan), "--host", host, "--port", str(port)]) == 1
+    assert capsys.readouterr().err == f"genfast: error: {message.format(port=port)}\n"
+
+
+def test_serve_answers_on_its_port_and_ends_on_ctrl_c(tiny_gan, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    answers = {}
+
+    def client():  # serve() holds the main thread, which is where uvicorn takes its signals
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # until serve() listens; then requests wait for uvicorn
+                with contextlib.suppress(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):
+                    break
+                time.sleep(0.05)
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+                answers["health"] = http.get("/healthz")
+                answers["over"] = http.post("/v1/generate", content=b" " * 1001)
+                answers["chunked"] = http.post("/v1/generate", content=iter([b" " * 100] * 100))
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        serve([str(tiny_gan)], ServeOptions(max_body_bytes=1000), port=port)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C ended serve() with a KeyboardInterrupt, which the CLI shows as a traceback")
+    thread.join(30)
+    assert answers["health"].json() == {"status": "ok", "models": 1}
+    assert answers["over"].status_code == 413 and answers["chunked"].status_code == 413
+    assert f"on http://127.0.0.1:{port}/" in capsys.readouterr().out
 
 
 def test_prompts_and_classes_of_a_text_model_batch_apart_and_match_offline(tiny_text_ar):

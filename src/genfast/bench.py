@@ -26,7 +26,7 @@ import torch
 from genfast import engines, images, memory, metrics
 from genfast.errors import GenfastError
 from genfast.families.base import LoopNetwork, Sampler
-from genfast.fileio import atomic_path, write_bytes
+from genfast.fileio import atomic_path, write_bytes, writing
 
 
 @dataclass
@@ -191,6 +191,6 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    with atomic_path(path) as tmp:
+    with writing(path), atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
     plt.close(figure)

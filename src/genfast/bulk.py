@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import zipfile
 from pathlib import Path
@@ -35,9 +36,10 @@ from tqdm import tqdm
 from genfast import checkpoint, distributed, engines, images, pretrained
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError
-from genfast.fileio import atomic_path, ensure_dir, write_bytes
+from genfast.fileio import atomic_path, ensure_dir, write_bytes, writing
 
 FORMATS = ("png", "npz")
+MAX_SHARD_BYTES = 1 << 30  # the pixels of one shard, in memory until it is written
 MANIFEST = "manifest.json"
 RECORDS = "manifest.d"
 
@@ -68,35 +70,49 @@ def generate(spec: dict, out: Path, batch_size: int = 256, device: str = "cpu", 
 
 def _generate(spec: dict, out: Path, batch_size: int, device: torch.device, progress: bool,
               condition: torch.Tensor | None, here: distributed.World) -> tuple[int, int]:
+    # The model first: a wrong setting, or shards too large to hold, is refused before the folder is touched.
+    sampler = engines.apply(pretrained.load(spec["model"], device=device, **spec["settings"]), spec["engine"])
+    shard_bytes = min(spec["shard_size"], spec["n"]) * math.prod(sampler.image_shape)  # held whole until written
+    if shard_bytes > MAX_SHARD_BYTES:
+        raise GenfastError(f"--shard-size {spec['shard_size']:,} makes shards of {shard_bytes / 2**20:,.0f} MiB, "
+                           f"held in memory while they are made; choose at most "
+                           f"{MAX_SHARD_BYTES // math.prod(sampler.image_shape):,}")
     _check_folder(out, spec)  # every process reads and refuses alike: none is left waiting
     _keep_intact(out, spec, here)
     distributed.barrier()
     if here.main:  # the bare job until the run completes
         write_bytes(out / MANIFEST, _json(spec))
     distributed.barrier()
-    finished = _recorded(out)
+    finished = _recorded(out, spec)
     distributed.barrier()  # every process has its list before any writes
-    shards = range(-(-spec["n"] // spec["shard_size"]))
-    mine = [k for k in shards if k not in finished][here.rank::here.size]
+    # This process's shards, rank, rank + N, ...: a range, walked lazily, so that neither
+    # the list of shards nor anything else held grows with n (a job of 10^12 images has 10^9).
+    mine = range(here.rank, -(-spec["n"] // spec["shard_size"]), here.size)
     already = sum(record["count"] for record in finished.values())
+    share = _images_in(spec, mine) - sum(record["count"] for k, record in finished.items() if k in mine)
 
     written = 0
-    if mine:
-        sampler = engines.apply(pretrained.load(spec["model"], device=device, **spec["settings"]), spec["engine"])
-        labels = sampler.labels(spec["n"], spec["class"]) if condition is None else condition[:1].expand(spec["n"], -1)
-        share = sum(_span(spec, k)[1] - _span(spec, k)[0] for k in mine)
+    if share:
         where = f" (process 0's share; {here.size} processes)" if here.size > 1 else ""
         with tqdm(total=share, desc=f"sampling{where}", unit="img", disable=not (progress and here.main)) as bar:
             for k in mine:
-                written += _write_shard(out, spec, k, sampler, labels, batch_size, bar)
+                if k not in finished:
+                    written += _write_shard(out, spec, k, sampler, condition, batch_size, bar)
     distributed.barrier()  # every shard is written (a process that failed has ended the job)
     if here.main:
-        records = _recorded(out)
+        records = _recorded(out, spec)
         write_bytes(out / MANIFEST, _json(spec | {"complete": True,
                                                   "images": sum(r["count"] for r in records.values()),
                                                   "shards": [records[k] for k in sorted(records)]}))
         shutil.rmtree(out / RECORDS, ignore_errors=True)  # the manifest now holds every record
     return written, already
+
+
+def _images_in(spec: dict, shards: range) -> int:
+    """Images in these shards: whole shards, less what the last shard of the job lacks."""
+    total = len(shards) * spec["shard_size"]
+    last = -(-spec["n"] // spec["shard_size"]) - 1
+    return total - (last + 1) * spec["shard_size"] + spec["n"] if last in shards else total
 
 
 def _span(spec: dict, shard: int) -> tuple[int, int]:
@@ -116,14 +132,16 @@ def _digits(spec: dict) -> int:
     return max(6, len(str(spec["n"] - 1)))
 
 
-def _write_shard(out: Path, spec: dict, shard: int, sampler, labels: torch.Tensor | None, batch_size: int,
+def _write_shard(out: Path, spec: dict, shard: int, sampler, condition: torch.Tensor | None, batch_size: int,
                  bar: tqdm) -> int:
     start, end = _span(spec, shard)
+    labels = sampler.labels(end - start, spec["class"], start) if condition is None else \
+        condition[:1].expand(end - start, -1)
     batches = []
     for first in range(start, end, batch_size):
         last = min(first + batch_size, end)
         noise = sampler.noise(last - first, spec["seed"], first)
-        pixels = sampler(noise, None if labels is None else labels[first:last])
+        pixels = sampler(noise, None if labels is None else labels[first - start:last - start])
         batches.append(images.to_uint8(pixels.cpu()))
         bar.update(last - first)
     pixels = torch.cat(batches)
@@ -133,7 +151,7 @@ def _write_shard(out: Path, spec: dict, shard: int, sampler, labels: torch.Tenso
     else:
         class_labels = labels is not None and not labels.is_floating_point()
         _write_npz(files[0], images=pixels.numpy(), index=np.arange(start, end),
-                   labels=labels[start:end].numpy() if class_labels else np.array([], dtype=np.int64))
+                   labels=labels.numpy() if class_labels else np.array([], dtype=np.int64))
     # "distinct": how many different images the shard holds (a repeating noise stream, or a
     # collapsed model, shows here first).
     record = {"shard": shard, "start": start, "count": end - start, "distinct": len(set(images.digests(pixels))),
@@ -145,7 +163,7 @@ def _write_shard(out: Path, spec: dict, shard: int, sampler, labels: torch.Tenso
 def _write_npz(path: Path, **arrays: np.ndarray) -> None:
     """np.savez, atomically and byte-for-byte reproducible (the zip entries carry the fixed
     date of a new ZipInfo, not the time of writing), so equal shards have equal checksums."""
-    with atomic_path(path, durable=False) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+    with writing(path), atomic_path(path, durable=False) as tmp, zipfile.ZipFile(tmp, "w") as archive:
         for name, array in arrays.items():
             with archive.open(zipfile.ZipInfo(f"{name}.npy"), "w") as f:
                 np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
@@ -171,7 +189,11 @@ def _check_folder(out: Path, spec: dict) -> None:
         try:
             saved = json.loads(manifest.read_text())
         except (OSError, ValueError) as e:
-            raise GenfastError(f"{manifest} is unreadable ({e}); choose another folder") from None
+            saved = f"unreadable ({str(e)[:80]})"
+        if not isinstance(saved, dict):  # no job to compare with: whose images these are is unknown
+            what = saved if isinstance(saved, str) else f"a JSON {type(saved).__name__}, not the job's record"
+            raise GenfastError(f"{manifest} is damaged ({what}); delete it to make the folder's images again, "
+                               f"or choose another folder")
         # The checkpoint's checksum, not its name or path, says which model it is.
         differ = [f"{key} {saved.get(key)!r} (asked: {spec[key]!r})" for key in spec
                   if key != "model" and saved.get(key) != spec[key]]
@@ -182,16 +204,35 @@ def _check_folder(out: Path, spec: dict) -> None:
         raise GenfastError(f"{out} already holds generated images; choose an empty or new folder")
 
 
-def _recorded(out: Path) -> dict[int, dict]:
-    """The finished shards' records, by shard: the complete manifest's and the record files."""
+RECORD_FIELDS = {"shard": int, "start": int, "count": int, "distinct": int, "sha256": str}
+
+
+def _readable(text_of) -> dict | list | None:
     try:
-        records = {r["shard"]: r for r in json.loads((out / MANIFEST).read_text()).get("shards", [])}
+        return json.loads(text_of())
     except (OSError, ValueError):
-        records = {}
-    for path in sorted((out / RECORDS).glob("shard_*.json")):
-        record = json.loads(path.read_text())
-        records[record["shard"]] = record
-    return records
+        return None
+
+
+def _valid(record, spec: dict) -> bool:
+    """A record of a shard of this job, every field of its type and in place. A damaged one
+    is not believed: its shard is made again (a record is only the cache of a checksum)."""
+    if not isinstance(record, dict) or any(type(record.get(k)) is not t for k, t in RECORD_FIELDS.items()):
+        return False
+    shard = record["shard"]
+    if not 0 <= shard < -(-spec["n"] // spec["shard_size"]):
+        return False
+    start, end = _span(spec, shard)
+    return (record["start"], record["count"]) == (start, end - start) and 0 < record["distinct"] <= end - start
+
+
+def _recorded(out: Path, spec: dict) -> dict[int, dict]:
+    """The finished shards' valid records, by shard: the complete manifest's and the record files."""
+    manifest = _readable((out / MANIFEST).read_text)
+    listed = manifest.get("shards", []) if isinstance(manifest, dict) else []
+    found = [*(listed if isinstance(listed, list) else []),
+             *(_readable(path.read_text) for path in sorted((out / RECORDS).glob("shard_*.json")))]
+    return {record["shard"]: record for record in found if _valid(record, spec)}
 
 
 def _keep_intact(out: Path, spec: dict, here: distributed.World) -> None:
@@ -201,7 +242,13 @@ def _keep_intact(out: Path, spec: dict, here: distributed.World) -> None:
     if here.main:
         ensure_dir(out / RECORDS)
     distributed.barrier()
-    for shard, record in _recorded(out).items():
+    records = _recorded(out, spec)
+    if here.rank == 0:  # record files that say nothing believable go (their shards are made again)
+        for path in (out / RECORDS).glob("shard_*.json"):
+            record = _readable(path.read_text)
+            if not (_valid(record, spec) and path.name == f"shard_{record['shard']:06d}.json"):
+                path.unlink(missing_ok=True)
+    for shard, record in records.items():
         if shard % here.size != here.rank:
             continue
         path = out / RECORDS / f"shard_{shard:06d}.json"

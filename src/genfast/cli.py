@@ -99,10 +99,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    out: Path = args.out
+    out: Path = images.check_name(args.out)
     as_folder = out.is_dir() or not out.suffix
     if not as_folder and out.suffix.lower() != ".png":
         raise GenfastError(f"--out {out}: give a .png file for a grid or a folder for one PNG per image")
+    in_grid = args.n * (args.steps or 10) if args.interpolate else 2 * args.n if args.reconstruct else args.n
+    if not as_folder and in_grid > images.MAX_GRID:  # one PNG in memory: a bound, not the machine's memory
+        raise GenfastError(f"a grid holds at most {images.MAX_GRID:,} images ({in_grid:,} asked); for more, give "
+                           f"--out a folder (one PNG per image, or --format npz, in shards: any number)")
     if (args.reconstruct or args.interpolate) and as_folder:
         raise GenfastError("--reconstruct and --interpolate make one grid: give --out a .png file")
     if args.steps is not None and not args.interpolate:
@@ -246,7 +250,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     options = ServeOptions(engine=args.engine, device=args.device, max_batch=args.max_batch,
                            max_wait_ms=args.max_wait_ms, batching=not args.no_batching, max_n=args.max_n,
-                           max_queue=args.max_queue, timeout_s=args.timeout)
+                           max_queue=args.max_queue, timeout_s=args.timeout,
+                           **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}))
     serve(args.models, options, host=args.host, port=args.port)
 
 
@@ -436,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=_positive, default=64, help="images per request")
     p.add_argument("--max-queue", type=_positive, default=256, help="waiting batches per model before 429")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request before 504")
+    p.add_argument("--max-body-bytes", type=_positive,
+                   help="largest request body before 413 (default 64 KiB: a 4000-character prompt fits)")
     p.set_defaults(run=cmd_serve)
 
     p = commands.add_parser("models", help="list the shipped models, one per line, name first")
@@ -512,6 +519,14 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.hand_over_error(str(e)):
             print(f"genfast: error: {e}", file=sys.stderr)
         return distributed.USER_ERROR
+    except Exception as e:
+        if not (here.size > 1 and distributed.lost_a_peer(e)):
+            raise  # a bug: its traceback is what a report needs
+        # Another process is gone; the launcher (or torchrun's summary) says which and why.
+        if not distributed.launched_by_genfast():
+            print(f"genfast: error (process {here.rank}): lost the job's other processes "
+                  f"({str(e).splitlines()[0][:160]})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         if here.main and not isinstance(e, distributed.Interrupted):
             print(f"genfast: interrupted{'; ' + str(e) if str(e) else ''}; files already written are kept",

@@ -26,19 +26,55 @@ def field_names(config_cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(config_cls)]
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Turn a TOML value or a command-line string into the field's declared type."""
+# An int field holds what torch and a checkpoint's int64 can: anything wider is no number
+# a config can use (the family checks the range it needs, within that).
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+SHOWN_CHARS = 60  # of a bad value in an error: a stranger's file may hold megabytes in one value
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+
+
+def _accepts(value: Any, annotation: type, from_text: bool) -> bool:
+    """Whether a value of this Python type may stand for a field of type `annotation`."""
+    if isinstance(value, bool):  # a subclass of int: without this, `batch_size = true` trains with 1
+        return annotation is bool
+    if isinstance(value, str):
+        return annotation is str or from_text
+    if annotation is float:
+        return isinstance(value, int | float)
+    if annotation is int:
+        return isinstance(value, int) or (from_text and isinstance(value, float))  # TOML's `z_dim = 64.0`
+    return annotation is bool and from_text and isinstance(value, int)  # 1 and 0, as on the command line
+
+
+def _coerce(value: Any, annotation: Any, key: str, from_text: bool = True) -> Any:
+    """Turn a TOML value or a command-line string into the field's declared type.
+
+    from_text=False is for JSON written by `to_dict`: a value must already have its
+    field's JSON type there (a string is no number, 1 is no bool)."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):  # `int | None`: None or the inner type
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if value is None or (from_text and isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(value, inner[0], key)
+        return _coerce(value, inner[0], key, from_text)
     if origin is tuple:
-        parts = value.split(",") if isinstance(value, str) else list(value)
+        if from_text and isinstance(value, str):
+            parts = value.split(",")
+        elif isinstance(value, list | tuple):
+            parts = list(value)
+        else:
+            raise GenfastError(f"config key '{key}' wants a list, got {_shown(value)}")
         item_type = typing.get_args(annotation)[0]
-        return tuple(_coerce(p.strip() if isinstance(p, str) else p, item_type, key) for p in parts)
+        return tuple(_coerce(p.strip() if isinstance(p, str) else p, item_type, key, from_text) for p in parts)
+    if annotation not in (bool, int, float, str):
+        raise TypeError(f"config field '{key}' has an unsupported type {annotation!r}")
     try:
+        if not _accepts(value, annotation, from_text):
+            raise ValueError(value)
         if annotation is bool:
             if isinstance(value, bool):
                 return value
@@ -48,26 +84,31 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError(value)
-        if annotation in (int, float, str):
-            if annotation is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return annotation(value)
-    except (ValueError, TypeError):
-        raise GenfastError(f"config key '{key}' wants a {annotation.__name__}, got {value!r}") from None
-    raise TypeError(f"config field '{key}' has an unsupported type {annotation!r}")
+        if annotation is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        converted = annotation(value)
+        if annotation is int and not INT_MIN <= converted <= INT_MAX:
+            raise ValueError(value)
+        return converted
+    except (ValueError, OverflowError):  # OverflowError: float(10**400)
+        raise GenfastError(f"config key '{key}' wants a {annotation.__name__}, got {_shown(value)}") from None
 
 
 def override(config: C, values: dict[str, Any]) -> C:
     """Return a copy of `config` with `values` applied; unknown keys are an error."""
+    return _replace(config, values, from_text=True)
+
+
+def _replace(config: C, values: dict[str, Any], from_text: bool) -> C:
     hints = typing.get_type_hints(type(config))
     valid = field_names(type(config))
     changes = {}
     for key, value in values.items():
         if key not in valid:
             raise GenfastError(
-                f"unknown config key '{key}' for {type(config).__name__}; valid keys: {', '.join(valid)}"
+                f"unknown config key {_shown(key)} for {type(config).__name__}; valid keys: {', '.join(valid)}"
             )
-        changes[key] = _coerce(value, hints[key], key)
+        changes[key] = _coerce(value, hints[key], key, from_text)
     return dataclasses.replace(config, **changes)
 
 
@@ -77,7 +118,7 @@ def parse_pairs(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise GenfastError(f"expected key=value, got '{pair}'")
+            raise GenfastError(f"expected key=value, got {_shown(pair)}")
         values[key.strip()] = value.strip()
     return values
 
@@ -90,8 +131,13 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise GenfastError(f"config file {path} not found") from None
     except OSError as e:
         raise GenfastError(f"cannot read config file {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
+    except UnicodeDecodeError as e:  # before ValueError, which it is
+        raise GenfastError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                           f"{e.start}); TOML files are UTF-8, save it as such") from None
+    except ValueError as e:  # TOMLDecodeError, or an integer literal of thousands of digits
         raise GenfastError(f"config file {path} is not valid TOML: {e}") from None
+    except RecursionError:  # tomllib reads nested arrays and tables recursively
+        raise GenfastError(f"config file {path} nests arrays or tables too deeply; flatten it") from None
 
 
 def layered_values(presets: dict[str, dict[str, Any]], preset: str = "default", toml_path: Path | None = None,
@@ -123,5 +169,10 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def from_dict(config_cls: type[C], values: dict[str, Any]) -> C:
-    """Rebuild a config saved in a checkpoint header (JSON turns tuples into lists)."""
-    return override(config_cls(), values)
+    """Rebuild a config saved in a checkpoint header (JSON turns tuples into lists).
+
+    Such a header may come from anyone, so each value must have its field's JSON type:
+    the strings that `override` parses from a command line are refused here."""
+    if not isinstance(values, dict):
+        raise GenfastError(f"a saved {config_cls.__name__} must be a JSON object of its keys, got {_shown(values)}")
+    return _replace(config_cls(), values, from_text=False)

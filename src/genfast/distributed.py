@@ -133,6 +133,18 @@ USER_ERROR = 3
 LAUNCHED_BY_GENFAST = "GENFAST_LAUNCHED"
 
 
+def lost_a_peer(error: BaseException) -> bool:
+    """An error of the collective layer (gloo, NCCL): another process of the job is gone,
+    which its own failure explains; this one's traceback would only bury that."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(word in text for word in ("gloo", "NCCL", "Connection reset")))
+
+
+def launched_by_genfast() -> bool:
+    return bool(os.environ.get(LAUNCHED_BY_GENFAST))
+
+
 def hand_over_error(message: str) -> bool:
     """A user error met in one of several processes: written to the error file the elastic
     agent gives each process (TORCHELASTIC_ERROR_FILE), where `launch` (and torchrun's own
@@ -143,7 +155,7 @@ def hand_over_error(message: str) -> bool:
         with contextlib.suppress(OSError):
             with open(path, "w") as f:
                 json.dump({"message": message, "timestamp": int(time.time())}, f)
-    return world().main and not os.environ.get(LAUNCHED_BY_GENFAST)
+    return world().main and not launched_by_genfast()
 
 
 class ProcessFailed(GenfastError):

@@ -26,18 +26,32 @@ def atomic_path(path: Path, durable: bool = True) -> Iterator[Path]:
     per image would cost more than making it.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+    # The temporary name is the target's, cut so that the suffixes keep it within the
+    # 255 bytes a file name may have (a legal target name must not fail for its temporary).
+    stem = path.name.encode()[:200].decode(errors="ignore")
+    tmp = path.with_name(f".{stem}.{uuid.uuid4().hex[:8]}.part")
     try:
         yield tmp
-        if durable:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        # Some writers (safetensors among them) create files owner-only; give the
-        # final file the permissions any ordinary new file would get.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        with writing(path):  # its own steps; what the caller's block raises is the caller's to word
+            if durable:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            # Some writers (safetensors among them) create files owner-only; give the
+            # final file the permissions any ordinary new file would get.
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """A file-system error while writing `path` (a full disk, a vanished folder) as one line."""
+    try:
+        yield
+    except OSError as e:
+        raise GenfastError(f"cannot write {path}: {e.strerror or e}; the previous file, if any, is unchanged") \
+            from None
 
 
 def ensure_dir(folder: Path) -> Path:
@@ -50,7 +64,7 @@ def ensure_dir(folder: Path) -> Path:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+    with writing(path), atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 

@@ -56,9 +56,13 @@ def _pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
+NAME_MAX = 255  # bytes in a file name, on Linux's file systems
+MAX_GRID = 10_000  # images in one PNG grid: 100 x 100 tiles, 6000 x 6000 pixels at the usual scale
+
+
 def writable_target(path: Path) -> Path:
     """Make sure `path`'s folder exists and can be written, before any long work."""
-    path = Path(path)
+    path = check_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # not ensure_dir: the user named a file, so the error names the file
@@ -68,6 +72,14 @@ def writable_target(path: Path) -> Path:
     if path.is_dir():
         raise GenfastError(f"cannot write {path}: it is a folder; give a file name")
     return path
+
+
+def check_name(path: Path) -> Path:
+    """A name the file system can take (asking it about a longer one is already an error)."""
+    if len(Path(path).name.encode()) > NAME_MAX:
+        raise GenfastError(f"cannot write {Path(path).name[:40]}...: a file name may have at most {NAME_MAX} bytes; "
+                           f"choose a shorter one")
+    return Path(path)
 
 
 def save_png(array: np.ndarray, path: Path, scale: int = 1, durable: bool = True) -> None:

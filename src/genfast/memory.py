@@ -66,6 +66,17 @@ def in_use_bytes() -> int | None:
     return info.uordblks + info.hblkhd
 
 
+def available_bytes() -> int | None:
+    """Memory the machine can still give without swapping (the kernel's MemAvailable):
+    None where unknown (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 @contextmanager
 def peak_cpu_bytes(interval_s: float = 2e-4) -> Iterator[dict]:
     """Within the block, sample `in_use_bytes` every `interval_s` from a second thread;

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from genfast import checkpoint, data, images
+from genfast import checkpoint, data, images, memory
 from genfast import config as configlib
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import Sampler, get_family
-from genfast.families.base import class_index
+from genfast.families.base import Family, check_bounds, class_index
 
 
 def shipped(generative: bool | None = None) -> dict[str, Path]:
@@ -41,26 +41,85 @@ def describe(name_or_path: str | Path) -> str:
             f"\t{path.stat().st_size / 1e6:.1f} MB")
 
 
+def build(family: Family, config, device: str | torch.device = "cpu",
+          states: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, torch.nn.Module]:
+    """The networks of `config`, built only once they are known to fit: the config within
+    its bounds, a skeleton on the meta device (shapes, no memory) within the machine's
+    memory and, when `states` (a checkpoint's weights) are given, of exactly their shapes
+    and kinds. So a stranger's header costs nothing before it is refused, and a file's
+    weights cost what the file does."""
+    check_bounds(config)
+    try:
+        with torch.device("meta"):
+            skeleton = family.build(config)
+    except (RuntimeError, ValueError, OverflowError, TypeError) as e:  # sizes torch cannot lay out
+        raise GenfastError(f"a {family.name} of this config cannot be built ({str(e).splitlines()[0][:120]}); "
+                           f"the file is damaged or was edited, or the sizes are too large") from None
+    if states is not None:  # a file's weights: they must be what the config builds
+        _check_weights(skeleton, states)
+    needed = sum(t.numel() * t.element_size() for m in skeleton.values() for t in m.state_dict().values())
+    available = memory.available_bytes()
+    if available is not None and needed > available:
+        raise GenfastError(f"this {family.name} config needs {needed / 2**30:.1f} GiB for its weights alone; "
+                           f"this machine has {available / 2**30:.1f} GiB available: choose smaller sizes")
+    return {name: module.to(device) for name, module in family.build(config).items()}
+
+
+def _check_weights(skeleton: dict[str, torch.nn.Module], states: dict[str, dict[str, torch.Tensor]]) -> None:
+    """A checkpoint's weights against what the config builds: the same tensors, shapes and
+    kinds (floating-point where the network has floating point), and finite."""
+    for name, state in states.items():
+        if name not in skeleton:
+            raise GenfastError(f"checkpoint holds weights of a '{name}' network its family does not have; "
+                               f"the file is damaged or was edited")
+        expected = skeleton[name].state_dict()
+        if missing := sorted(set(expected) - set(state)) or sorted(set(state) - set(expected)):
+            raise GenfastError(f"checkpoint weights do not fit its config ('{name}.{missing[0]}' is missing or "
+                               f"extra); the file is damaged or was edited")
+        for key, tensor in state.items():
+            want = expected[key]
+            if tensor.shape != want.shape:
+                raise GenfastError(f"checkpoint weights do not fit its config ('{name}.{key}' is "
+                                   f"{tuple(tensor.shape)}, the config builds {tuple(want.shape)}); the file is "
+                                   f"damaged or was edited")
+            if want.is_floating_point() and not tensor.is_floating_point():
+                raise GenfastError(f"checkpoint weight '{name}.{key}' is {tensor.dtype}, not floating point; "
+                                   f"the file is damaged or was edited")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise GenfastError(f"checkpoint weight '{name}.{key}' holds NaN or infinite values: the run "
+                                   f"diverged before it was saved, or the file is damaged; use an earlier checkpoint")
+
+
 def load_weights(modules: dict[str, torch.nn.Module], states: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Load each module's state; a missing module or a shape that does not fit is one clear error."""
+    """Load each module's state (checked by `build` already); a missing module is one clear error."""
     for name, module in modules.items():
         if name not in states:
             raise GenfastError(f"checkpoint lacks the '{name}' weights; it is incomplete, retrain it")
-        try:
-            module.load_state_dict(states[name])
-        except RuntimeError as e:
-            raise GenfastError(f"checkpoint weights do not fit its config ({str(e).splitlines()[0]}); "
-                               f"the file is damaged or was edited") from None
+        module.load_state_dict(states[name])
+
+
+def class_names_of(ckpt: checkpoint.Checkpoint, config) -> tuple[str, ...]:
+    """The header's class names, believed only when they are text and as many as the model has classes."""
+    names = ckpt.dataset.get("class_names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and len(n) <= 200 for n in names):
+        raise GenfastError("checkpoint has a damaged header (field 'dataset.class_names': a list of names "
+                           "wanted); the file is damaged or was edited")
+    if config.num_classes and len(names) != config.num_classes:
+        raise GenfastError(f"checkpoint names {len(names)} classes for a model of {config.num_classes}; the file "
+                           f"is damaged or was edited")
+    return tuple(names)
 
 
 def load_modules(ckpt: checkpoint.Checkpoint, device: str | torch.device = "cpu"):
     """Rebuild a checkpoint's family, config and the networks it holds (the inference ones at least)."""
     family = get_family(ckpt.family)
     config = configlib.from_dict(family.config_class, ckpt.config)
-    modules = {name: module for name, module in family.build(config).items()
+    kept = {name: state for name, state in ckpt.modules.items()}
+    modules = build(family, config, device, kept)
+    modules = {name: module for name, module in modules.items()
                if name in ckpt.modules or name in family.inference_modules()}
     load_weights(modules, ckpt.modules)
-    return family, config, {name: module.to(device) for name, module in modules.items()}
+    return family, config, modules
 
 
 def load(name_or_path: str | Path, device: str = "cpu", **settings) -> Sampler:
@@ -81,7 +140,7 @@ def load(name_or_path: str | Path, device: str = "cpu", **settings) -> Sampler:
                            + (f"; it takes {', '.join(allowed)}" if allowed else ""))
     config = configlib.override(config, settings)
     family.check_sampling(config)
-    sampler = family.sampler(modules, config, tuple(ckpt.dataset.get("class_names", ())))
+    sampler = family.sampler(modules, config, class_names_of(ckpt, config))
     sampler.info = {"family": ckpt.family, "model": family.model_name(config), "dataset": ckpt.dataset["name"],
                     "step": ckpt.step, "path": str(path)}
     return sampler

@@ -43,8 +43,8 @@ _MT_HEADER = struct.Struct("<QiiQ")
 
 
 def check_seed(seed: int) -> None:
-    if not 0 <= seed <= MAX_SEED:
-        raise GenfastError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise GenfastError(f"seed must be between 0 and {MAX_SEED} (a whole number), got {seed!r:.40}")
 
 
 def noise_block(seed: int, block: int, shape: tuple[int, ...]) -> torch.Tensor:

@@ -12,9 +12,10 @@ agree up to the rounding that depends on the batch size (a pixel may differ by o
 an ar model may, rarely, sample a near-tie token the other way: BENCHMARKS.md).
 
 Limits: `n` at most `max_n`; at most `max_queue` chunks waiting per model (then 429
-with Retry-After); `timeout_s` per request (then 504); a malformed field is a 422 that
-names it. /metrics serves Prometheus counters of requests, images, batch sizes, queue
-depth and latency.
+with Retry-After); `timeout_s` per request (then 504); a body over `max_body_bytes`
+is a 413, found out before more than that is read; a malformed field is a 422 that names
+it, with at most a short, escaped excerpt of what was sent. /metrics serves Prometheus
+counters of requests, images, batch sizes, queue depth and latency.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import asyncio
 import base64
 import contextlib
 import io
+import math
+import reprlib
 import secrets
+import socket
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -35,9 +39,11 @@ from typing import Literal
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
 
 from genfast import engines, images, pretrained
 from genfast.errors import GenfastError
@@ -56,10 +62,15 @@ class ServeOptions:
     max_n: int = 64            # images per request
     max_queue: int = 256       # chunks waiting per model before 429
     timeout_s: float = 30.0    # per request, then 504
+    # The largest legitimate body, a 4000-character prompt written as JSON escapes (12 bytes
+    # for a character outside the BMP), is under 50 KB.
+    max_body_bytes: int = 64 * 1024
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # strict: a field takes the JSON type its schema names and nothing coerced to it
+    # (true or 1.0 are no count of images and no class index, "3" no count).
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
     model: str = Field(description="a name from GET /v1/models")
     n: int = Field(1, ge=1, description="number of images")
@@ -123,6 +134,9 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
         self._worker.shutdown(wait=False, cancel_futures=True)
+        # A fresh executor (its thread starts with its first pass): an app whose lifespan ended
+        # may be served again, as a test client that starts and ends one per test does.
+        self._worker = ThreadPoolExecutor(1)
 
     async def generate(self, noise: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         """Images for these rows of noise (and conditions), in order."""
@@ -206,13 +220,24 @@ def model_key(name_or_path: str) -> str:
     return path.parent.name if path.stem == "checkpoint" else path.stem
 
 
+def _check_options(options: ServeOptions) -> None:
+    """A GenfastError for a setting no server could run with (a timeout of 0 would answer
+    every request 504), before anything loads or listens."""
+    for name, value in (("--max-batch", options.max_batch), ("--max-n", options.max_n),
+                        ("--max-queue", options.max_queue), ("max_body_bytes", options.max_body_bytes)):
+        if value < 1:
+            raise GenfastError(f"{name} must be at least 1, got {value}")
+    if not options.timeout_s > 0:  # written so, NaN fails too
+        raise GenfastError(f"--timeout must be more than 0 seconds, got {options.timeout_s:g}")
+    if not 0 <= options.max_wait_ms < math.inf:
+        raise GenfastError(f"--max-wait-ms must be a finite number of milliseconds from 0 up, "
+                           f"got {options.max_wait_ms:g}")
+
+
 def create_app(models: list[str], options: ServeOptions | None = None) -> FastAPI:
     """The service for these models (shipped names or checkpoint paths), loaded now."""
     options = options or ServeOptions()
-    for name, value, least in (("--max-batch", options.max_batch, 1), ("--max-n", options.max_n, 1),
-                               ("--max-queue", options.max_queue, 1)):
-        if value < least:
-            raise GenfastError(f"{name} must be at least {least}, got {value}")
+    _check_options(options)
     metrics = _Metrics()
     batchers: dict[str, Batcher] = {}
     for model in models:
@@ -231,6 +256,7 @@ def create_app(models: list[str], options: ServeOptions | None = None) -> FastAP
 
     app = FastAPI(title="genfast", summary="Image generation with dynamic batching", lifespan=lifespan)
     app.state.batchers = batchers
+    app.add_middleware(_BodyLimit, limit=options.max_body_bytes)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -254,16 +280,22 @@ def create_app(models: list[str], options: ServeOptions | None = None) -> FastAP
                 "classes": list(sampler.class_names), "text": sampler.takes_prompts,
                 "image_shape": list(sampler.image_shape), "engine": options.engine}
 
-    @app.post("/v1/generate", responses={200: {"content": {"image/png": {}, "application/zip": {}}}})
+    @app.post("/v1/generate", responses={200: {"content": {"image/png": {}, "application/zip": {}}},
+                                         400: {"description": "The body is no JSON text (not UTF-8, or nested "
+                                                              "too deeply)"},
+                                         413: {"description": "The request body is over the server's limit"},
+                                         429: {"description": "The model's queue is full; retry after a while"},
+                                         504: {"description": "No images within the server's timeout"}})
     async def generate(body: GenerateRequest) -> Response:
         arrived = time.perf_counter()
         status = 200
         try:
             batcher = batchers.get(body.model)
             if batcher is None:
-                raise _invalid("model", f"unknown model '{body.model}'; this server has: {', '.join(batchers)}")
+                raise _invalid("model", f"unknown model {_excerpt(body.model)}; this server has: "
+                                        f"{', '.join(batchers)}")
             if body.n > options.max_n:
-                raise _invalid("n", f"at most {options.max_n} images a request (--max-n), got {body.n}")
+                raise _invalid("n", f"at most {options.max_n} images a request (--max-n), got {_excerpt(body.n)}")
             seed = secrets.randbelow(MAX_SEED + 1) if body.seed is None else body.seed
             condition = await _condition(batcher.plain, body)
             noise = batcher.sampler.noise(body.n, seed)
@@ -308,7 +340,74 @@ def create_app(models: list[str], options: ServeOptions | None = None) -> FastAP
     async def genfast_error(request: Request, error: GenfastError) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=422)
 
+    @app.exception_handler(RequestValidationError)
+    async def malformed(request: Request, error: RequestValidationError) -> JSONResponse:
+        """FastAPI's own handler echoes each field's input whole: the body once more, and a
+        500 when it cannot be encoded (1e400 is inf, "\\ud800" a lone surrogate)."""
+        errors = error.errors()
+        detail = [{"loc": [part if isinstance(part, int) else _excerpt(part, plain=True) for part in e["loc"]],
+                   "msg": _excerpt(e["msg"] + (f": {e['ctx']['error']}" if e["type"] == "json_invalid" else ""),
+                                   plain=True, limit=200),
+                   "type": e["type"], "input": _excerpt(e.get("input"))} for e in errors[:_ERRORS_SHOWN]]
+        if len(errors) > _ERRORS_SHOWN:  # a body of thousands of unknown keys
+            detail.append({"loc": ["body"], "msg": f"and {len(errors) - _ERRORS_SHOWN} more errors",
+                           "type": "value_error"})
+        return JSONResponse({"detail": detail}, status_code=422)
+
     return app
+
+
+_ERRORS_SHOWN = 10
+_short = reprlib.Repr()  # bounded work as well as bounded text, however large the input
+_short.maxstring = _short.maxother = _short.maxlong = 80
+
+
+def _excerpt(value, plain: bool = False, limit: int = 80) -> str:
+    """At most `limit` characters of `value` that always encode: its repr (which escapes lone
+    surrogates and control characters), or, `plain`, the text itself where it is printable."""
+    text = value if plain and isinstance(value, str) and value[:limit + 1].isprintable() else _short.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _BodyLimit:
+    """An ASGI middleware: a request body over `limit` bytes is a 413, known from its
+    Content-Length when it has one and counted as it arrives otherwise (chunked); the body
+    is read here, at most the limit and one chunk of it, and handed on whole."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdecimal() and int(declared) > self.limit:
+            return await self._too_large(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._too_large(scope, receive, send)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:  # after the body, what the server says next (a disconnect)
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        response = JSONResponse({"detail": f"the request body is over this server's limit of {self.limit} bytes"},
+                                status_code=413)
+        await response(scope, receive, send)
 
 
 def _invalid(field_name: str, message: str) -> HTTPException:
@@ -337,9 +436,30 @@ def _encode(pixels: torch.Tensor, body: GenerateRequest, sampler: Sampler, seed:
 def serve(models: list[str], options: ServeOptions, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
+    if not 1 <= port <= 65535:
+        raise GenfastError(f"--port must be in 1..65535, got {port}")
     app = create_app(models, options)
-    print(f"serving {', '.join(model_key(m) for m in models)} on http://{host}:{port}/ "
-          f"(engine {options.engine}, batches of up to {options.max_batch} images, "
-          f"{'waiting ' + format(options.max_wait_ms, 'g') + ' ms' if options.batching else 'batching off'})",
-          flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # The socket is bound here, not by uvicorn, which logs a refused bind and exits: a port in
+    # use is one line, and the socket that serves is the one that was checked (no race).
+    with _listen(host, port) as listening:
+        print(f"serving {', '.join(model_key(m) for m in models)} on http://{host}:{port}/ "
+              f"(engine {options.engine}, batches of up to {options.max_batch} images, "
+              f"{'waiting ' + format(options.max_wait_ms, 'g') + ' ms' if options.batching else 'batching off'})",
+              flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        # uvicorn raises the Ctrl-C it caught again once it has shut down (uvicorn.run swallows it too).
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=[listening])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, made as uvicorn makes its own (Config.bind_socket)."""
+    listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((host, port))
+        listening.listen()
+    except OSError as e:  # in use, not permitted (below 1024), not this machine's address, no such host
+        listening.close()
+        raise GenfastError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return listening

@@ -41,12 +41,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from genfast import checkpoint, data, distributed, images, seeding
+from genfast import checkpoint, data, distributed, images, pretrained, seeding
 from genfast import config as configlib
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import Family, get_family
-from genfast.pretrained import load_weights
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 DEFAULT_DATA = "fashion-mnist"
@@ -95,6 +94,47 @@ class _Silent:
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
+
+
+class _TensorBoard:
+    """TensorBoard's writer, its file errors (a full disk) one line like every other write's.
+    Its events are written by a thread, which hands an error to the next call here (where
+    it becomes the one line), after printing it itself: that print is silenced."""
+
+    def __init__(self, folder: Path, purge_step: int | None):
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+        from torch.utils.tensorboard import SummaryWriter  # 0.3 s to import: only when training
+
+        previous = threading.excepthook
+
+        def quiet_writer_errors(args):
+            if not (isinstance(args.thread, _AsyncWriterThread) and issubclass(args.exc_type, OSError)):
+                previous(args)
+
+        threading.excepthook = quiet_writer_errors
+        self.folder = folder
+        self.writer = self._guarded(SummaryWriter, str(folder), purge_step=purge_step)
+
+    def _guarded(self, call, *args, **kwargs):
+        try:
+            return call(*args, **kwargs)
+        except OSError as e:
+            raise GenfastError(f"cannot write TensorBoard logs in {self.folder}: {e.strerror or e}; free some space "
+                               f"or choose another --out (checkpoints already written are kept)") from None
+
+    def add_scalar(self, *args, **kwargs):
+        self._guarded(self.writer.add_scalar, *args, **kwargs)
+
+    def add_images(self, *args, **kwargs):
+        self._guarded(self.writer.add_images, *args, **kwargs)
+
+    def close(self, quietly: bool = False) -> None:
+        """`quietly` while another error is on its way: that one is what the user must read."""
+        try:
+            self._guarded(self.writer.close)
+        except GenfastError:
+            if not quietly:
+                raise
 
 
 def _autocast(device: torch.device, precision: str):
@@ -167,6 +207,10 @@ def plan_run(family: Family, options: TrainOptions, asked: dict[str, Any], saved
     data_name = saved.dataset["name"] if saved else options.data or DEFAULT_DATA
     seed = saved.extra.get("seed", 0) if saved else 0 if options.seed is None else options.seed
     precision = options.precision or (saved.extra.get("precision", "fp32") if saved else "fp32")
+    if saved is not None and not (type(saved.step) is int and saved.step >= 0 and isinstance(precision, str)
+                                  and type(saved.extra.get("total_steps", 0)) is int):
+        raise GenfastError(f"{Path(options.out) / CHECKPOINT_NAME} has a damaged header (its step, total_steps or "
+                           f"precision); it cannot be resumed")
     seeding.check_seed(seed)
     _autocast(torch.device("cpu"), precision)  # an unknown precision is refused here
 
@@ -240,14 +284,22 @@ def _config_for_run(family: Family, asked: dict[str, Any], saved: checkpoint.Che
 
 def _restore(saved: checkpoint.Checkpoint, modules, optimizers) -> None:
     """Load weights and optimizer state; the optimizers keep the current config's hyperparameters."""
-    load_weights(modules, saved.modules)
+    pretrained.load_weights(modules, saved.modules)
     for name, opt in optimizers.items():
         current = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
         try:
             opt.load_state_dict(saved.optimizers[name])
-        except (KeyError, ValueError) as e:
-            raise GenfastError(f"the checkpoint's '{name}' optimizer state does not fit the model ({e}); "
-                               f"the file is damaged, start a new run") from None
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise GenfastError(f"the checkpoint's '{name}' optimizer state does not fit the model "
+                               f"({str(e)[:120]}); the file is damaged, start a new run") from None
+        # load_state_dict checks the groups, not the moments' shapes: a wrong one would fail
+        # (or broadcast) at the first step instead.
+        for param, state in opt.state.items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                    raise GenfastError(f"the checkpoint's '{name}' optimizer state does not fit the model (its "
+                                       f"'{key}' is {tuple(value.shape)} for a weight of {tuple(param.shape)}); "
+                                       f"the file is damaged, start a new run")
         for group, hyper in zip(opt.param_groups, current):
             group.update(hyper)
 
@@ -281,7 +333,8 @@ def _set_up(plan: RunPlan, options: TrainOptions, device: torch.device) -> _SetU
     if plan.saved is None:  # a family that starts from trained parts (ar: its tokenizer)
         config, initial = plan.family.prepare(config, plan.train_set)
     torch.manual_seed(plan.seed)  # weight initialisation: the same in every process
-    modules = {name: m.to(device) for name, m in plan.family.build(config).items()}
+    # Built once they are known to fit (the machine, and a resumed run's saved weights).
+    modules = pretrained.build(plan.family, config, device, plan.saved.modules if plan.saved else None)
     for name, state in initial.items():
         modules[name].load_state_dict(state, strict=False)
     if options.sync_batchnorm:
@@ -298,8 +351,6 @@ class _Outputs:
 
     def __init__(self, plan: RunPlan, setup: _SetUp, options: TrainOptions, device: torch.device,
                  here: distributed.World):
-        from torch.utils.tensorboard import SummaryWriter  # 0.3 s to import: only when training
-
         self.plan, self.setup, self.out = plan, setup, Path(options.out)
         self.path = self.out / CHECKPOINT_NAME
         self.info = {"seed": plan.seed, "total_steps": plan.total, "steps_per_epoch": plan.steps_per_epoch,
@@ -311,7 +362,7 @@ class _Outputs:
             images.writable_target(self.path)
         # purge_step: a resumed run drops events logged after its checkpoint by the run it
         # continues (the checkpoint of step `start` was written after that step's events).
-        self.writer = (SummaryWriter(str(self.out / "tb"), purge_step=plan.start + 1 if plan.start else None)
+        self.writer = (_TensorBoard(self.out / "tb", purge_step=plan.start + 1 if plan.start else None)
                        if here.main else _Silent())
 
     def save(self, step: int) -> None:
@@ -362,6 +413,7 @@ def _loop(plan: RunPlan, options: TrainOptions, device: torch.device, here: dist
     processes = f" ({here.size} processes)" if here.size > 1 else ""
     bar = tqdm(total=plan.total, initial=plan.start, unit="step", disable=not (options.progress and here.main),
                desc=f"train {family.model_name(config)} on {plan.data_name}{processes}")
+    finished = False
     with _stop_between_steps() as stop_requested:
         try:
             for step in range(plan.start, plan.total):
@@ -422,9 +474,10 @@ def _loop(plan: RunPlan, options: TrainOptions, device: torch.device, here: dist
                     distributed.barrier()  # none ends (and gets rank 0 stopped) before the save
                     raise KeyboardInterrupt(f"checkpoint saved at step {done} in {outputs.path}; "
                                             "continue with --resume")
+            finished = True
         finally:
             bar.close()
-            outputs.writer.close()
+            outputs.writer.close(quietly=not finished)
     distributed.barrier()  # no process ends the job before rank 0 has written the last checkpoint
     return outputs.path
 

@@ -23,7 +23,7 @@ from genfast.engines.fusion import fold_batchnorm
 from genfast.engines.subpixel import subpixel
 from genfast.errors import EngineUnavailable
 from genfast.families.base import Sampler
-from genfast.fileio import atomic_path
+from genfast.fileio import atomic_path, writing
 from genfast.seeding import MAX_SEED
 
 
@@ -46,7 +46,7 @@ def export(sampler: Sampler, path: Path) -> Path:
     args, names, shapes = (noise,), ["noise"], ({0: batch},)
     if sampler.conditional:
         args, names, shapes = (noise, sampler.labels(2).to(device)), ["noise", "labels"], ({0: batch}, {0: batch})
-    with atomic_path(Path(path)) as tmp, _quiet():
+    with writing(Path(path)), atomic_path(Path(path)) as tmp, _quiet():
         torch.onnx.export(module, args, str(tmp), input_names=names, output_names=["images"],
                           dynamic_shapes=shapes, dynamo=True, external_data=False)
     return Path(path)

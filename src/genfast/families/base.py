@@ -115,14 +115,15 @@ class Sampler:
             raise GenfastError("a class was asked for, but this model is unconditional")
         return class_index(self.class_names, name_or_index)
 
-    def labels(self, n: int, class_index: str | int | None = None) -> torch.Tensor | None:
-        """Labels for n images: all `class_index`, or cycling through the classes."""
+    def labels(self, n: int, class_index: str | int | None = None, start: int = 0) -> torch.Tensor | None:
+        """Labels for images start..start+n-1: all `class_index`, or cycling through the
+        classes (image i has class i mod the number of classes, whatever the range)."""
         if not self.conditional:
             if class_index is not None:
                 raise GenfastError("a class was asked for, but this model is unconditional")
             return None
         if class_index is None:
-            return torch.arange(n) % self.num_classes
+            return torch.arange(start, start + n) % self.num_classes
         return torch.full((n,), self.class_index(class_index), dtype=torch.long)
 
     def batches(self, n: int, seed: int = 0, class_index: str | int | None = None, batch_size: int = 256,
@@ -133,12 +134,14 @@ class Sampler:
             raise GenfastError(f"number of images must be at least 1, got {n}")
         if batch_size < 1:
             raise GenfastError(f"batch size must be at least 1, got {batch_size}")
-        noise = self.noise(n, seed)
-        labels = self.labels(n, class_index) if condition is None else condition
+        if condition is None:
+            self.labels(1, class_index)  # a wrong class fails before any work
         with tqdm(total=n, desc="sampling", unit="img", disable=not progress) as bar:
             for start in range(0, n, batch_size):
+                # Noise and labels a batch at a time: memory does not grow with n.
                 end = min(start + batch_size, n)
-                yield self.fn(noise[start:end], None if labels is None else labels[start:end]).cpu()
+                labels = self.labels(end - start, class_index, start) if condition is None else condition[start:end]
+                yield self.fn(self.noise(end - start, seed, start), labels).cpu()
                 bar.update(end - start)
 
     def interpolate(self, rows: int, steps: int, seed: int = 0, class_index: str | int | None = None,
@@ -173,11 +176,13 @@ def class_index(class_names: tuple[str, ...], name_or_index: str | int) -> int:
             return class_names.index(name_or_index)
         if name_or_index.lower() in lowered:
             return lowered.index(name_or_index.lower())
-        if not name_or_index.lstrip("-").isdigit():
-            raise GenfastError(f"unknown class '{name_or_index}'; this model's classes: {listing}")
-    index = int(name_or_index)
+        digits = name_or_index.removeprefix("-")
+        if not (digits.isascii() and digits.isdigit()):  # str.isdigit alone takes "²", which int() refuses
+            raise GenfastError(f"unknown class {name_or_index[:40]!r}; this model's classes: {listing}")
+    text = str(name_or_index)
+    index = int(text) if len(text) <= 12 else -1  # longer: out of range whatever it says, and not echoed whole
     if not 0 <= index < len(class_names):
-        raise GenfastError(f"class {index} is outside this model's classes 0..{len(class_names) - 1} ({listing})")
+        raise GenfastError(f"class {text[:20]} is outside this model's classes 0..{len(class_names) - 1} ({listing})")
     return index
 
 
@@ -202,6 +207,25 @@ class TrainedConfig:
     image_size: int = 28
     channels: int = 1
     num_classes: int = 0
+
+
+# What a config (or a checkpoint header, written by anyone) may say before a network is
+# built: sizes far beyond any model genfast makes are refused here, cheaply, rather than
+# costing gigabytes or overflowing a size calculation first.
+MAX_SIZE = 1 << 24   # any whole-number field (widths, counts, steps)
+BOUNDS = {"image_size": (4, 1024), "channels": (1, 4), "num_classes": (0, 100_000)}
+
+
+def check_bounds(config: Any, where: str = "config") -> None:
+    """Every whole-number field within MAX_SIZE, the shared ones within BOUNDS; one line naming the key."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        low, high = BOUNDS.get(f.name, (-MAX_SIZE, MAX_SIZE))
+        if not low <= value <= high:
+            raise GenfastError(f"{where} {f.name}={value} is outside {low}..{high}; a file that says so is damaged "
+                               f"or was edited")
 
 
 @dataclass(frozen=True)

@@ -41,13 +41,23 @@ from genfast.families.ar import decoders, text
 from genfast.families.ar.generator import ARGenerator, check_decode
 from genfast.families.ar.model import PRESETS, ARConfig, ARNet
 from genfast.families.ar.tokenizer import VQVAEConfig, VQVAENet
-from genfast.families.base import Family, Sampler
+from genfast.families.base import Family, Sampler, check_bounds
 
 
 def tokenizer_config(config: ARConfig) -> VQVAEConfig:
+    """The tokenizer's config, which the ar config carries as JSON (checked like any header)."""
     if not config.tokenizer_config:
         raise GenfastError("this ar config names no tokenizer; it is filled in when training starts")
-    return configlib.from_dict(VQVAEConfig, json.loads(config.tokenizer_config))
+    try:
+        values = json.loads(config.tokenizer_config)
+    except ValueError:
+        values = None
+    if not isinstance(values, dict):
+        raise GenfastError("this ar model's tokenizer_config is damaged (not a JSON object); the file is damaged "
+                           "or was edited")
+    vq = configlib.from_dict(VQVAEConfig, values)
+    check_bounds(vq, "tokenizer config")
+    return vq
 
 
 class AR(Family):
