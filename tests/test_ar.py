@@ -333,6 +333,24 @@ def test_compile_wraps_the_static_step_and_keeps_the_tokens(tiny_ar):
         engines.apply(sampler, "bf16+compile")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("batch, cfg, temperature", [(1, 1.0, 1.0), (3, 2.0, 1.0), (3, 2.0, 0.0)])
+def test_the_compiled_step_draws_the_tokens_of_the_eager_one(tiny_ar, batch, cfg, temperature):
+    """One compiled program per token, its draw included: the same tokens as the eager
+    static decoder (and so as kv) for the same noise, sampled or greedy, guided or not, at
+    batch 1 and a ragged batch."""
+    from genfast import engines
+
+    sampler = genfast.load(tiny_ar).with_decoding("static", cfg=cfg, temperature=temperature)
+    noise, labels = sampler.noise(batch, 7), sampler.labels(batch)
+    expected = sampler.module.tokens(noise, labels)
+    assert torch.equal(sampler.with_decoding("kv").module.tokens(noise, labels), expected)
+    fast = engines.apply(sampler, "compile")
+    for _ in range(2):
+        assert torch.equal(fast.module.tokens(noise, labels), expected)
+    assert fast.module.passes == 49
+
+
 def test_graphed_step_records_once_and_replays_into_the_same_cache(tiny_ar):
     """The CUDA graph logic on the CPU: a stand-in recorder whose replay re-runs the
     recorded step on the same static inputs into the same output, as a graph does."""

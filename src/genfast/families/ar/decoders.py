@@ -9,7 +9,9 @@ image tokens, and counts its forward passes (what a speed-up must cut):
 - `kv`:       keep each layer's keys and values (a growing cache). T passes of one token.
 - `static`:   the same with a cache allocated once at full length, updated in place and
               attended through a mask: every step has the same shapes, which is what
-              torch.compile and CUDA graphs need (the LlamaGen / gpt-fast recipe).
+              torch.compile and CUDA graphs need (the LlamaGen / gpt-fast recipe). The
+              step draws its token too (`SampledStep`: guidance, temperature, top-k and
+              the inverse-CDF draw), so a compiled step is one program per token.
 - `jacobi`:   speculative Jacobi decoding (Teng et al., ICLR 2025): all positions drafted
               at once, each pass checks the drafts left to right with the speculative
               sampling test, min(1, p/q), keeps the accepted run, and redrafts the rest.
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from genfast.families.ar.model import ARNet, Step
 
@@ -55,19 +58,20 @@ class Options:
 @dataclass
 class Network:
     """What a strategy runs. `net` gives the conditioning and the sizes; `forward` is the
-    full-sequence pass (prefix, tokens) -> logits at every position, and `static_step(rows)`
-    the fixed-shape cached step for a batch of `rows`: by default the network's own, or
-    an engine's compiled or recorded ones."""
+    full-sequence pass (prefix, tokens) -> logits at every position, and `static_step(rows,
+    options)` the fixed-shape cached step that draws the next token, for a batch of `rows`:
+    by default a fresh one, or an engine's compiled or recorded ones."""
 
     net: ARNet
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    static_step: Callable[[int], Step] | None = None
+    static_step: Callable[[int, Options], SampledStep] | None = None
 
     def __post_init__(self):
         if self.forward is None:
             self.forward = self.net
         if self.static_step is None:
-            self.static_step = lambda rows: self.net.static_step(rows, self.net.null.device)
+            self.static_step = lambda rows, options: SampledStep(self.net.static_step(rows, self.net.null.device),
+                                                                 options)
 
 
 def guided_probs(logits: torch.Tensor, options: Options, guided: bool) -> torch.Tensor:
@@ -91,6 +95,23 @@ def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     cumulative = probs.cumsum(-1)
     index = torch.searchsorted(cumulative, (uniforms * cumulative[..., -1]).unsqueeze(-1).contiguous())
     return index.squeeze(-1).clamp_max(probs.shape[-1] - 1)
+
+
+class SampledStep(nn.Module):
+    """A static step and the draw of the token it predicts, in one call: (tokens (rows, 1),
+    position (1,), uniforms (B,)) -> the next tokens (B,). Every tensor operation of a
+    token, sampling included, is inside the one module an engine compiles or records, with
+    no host synchronisation and no branch on tensor values (the options are constants of it)."""
+
+    def __init__(self, step: Step, options: Options):
+        super().__init__()
+        self.step, self.options, self.guided = step, options, options.cfg != 1.0
+
+    def prefill(self, prefix: torch.Tensor) -> torch.Tensor:
+        return self.step.prefill(prefix)
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        return draw(guided_probs(self.step(tokens, position), self.options, self.guided), uniforms)
 
 
 class Decoder:
@@ -140,9 +161,15 @@ def kv(network: Network, prefix: torch.Tensor, noise: torch.Tensor, options: Opt
 
 def static(network: Network, prefix: torch.Tensor, noise: torch.Tensor,
            options: Options) -> tuple[torch.Tensor, int]:
-    """The step for a batch of `rows` over a StaticCache (possibly compiled or graph-captured)."""
-    rows = len(prefix) * (2 if options.cfg != 1.0 else 1)
-    return _cached(network.net, prefix, noise, options, network.static_step(rows))
+    """kv's loop over a StaticCache, each token drawn inside its step (possibly compiled or
+    graph-captured): the prefill and its draw, then one call per token. Same tokens as kv."""
+    d = Decoder(network.net, prefix, options)
+    stepper = network.static_step(len(d.prefix), options)
+    tokens = [draw(d.probs(stepper.prefill(d.prefix)), noise[:, 0, 0])]
+    positions = torch.arange(network.net.prefix_tokens, network.net.prefix_tokens + d.length, device=prefix.device)
+    for i in range(1, d.length):  # token i from token i - 1 at its position
+        tokens.append(stepper(d.rows(tokens[-1][:, None]), positions[i - 1:i], noise[:, 0, i]))
+    return torch.stack(tokens, 1), d.length  # one pass per token, the prefill included
 
 
 def jacobi(network: Network, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:

@@ -17,11 +17,11 @@ import torch
 
 from genfast.errors import GenfastError
 from genfast.families.ar import decoders
-from genfast.families.ar.model import ARNet, Step
+from genfast.families.ar.model import ARNet
 from genfast.families.ar.tokenizer import VQVAENet
 from genfast.families.base import FixedPart, LoopNetwork, Wrap
 
-PARTS = {"step": FixedPart("the static decoder's token step", recordable=True),
+PARTS = {"step": FixedPart("the static decoder's token step, its draw included", recordable=True),
          "forward": FixedPart("the full-sequence pass", recordable=False)}
 
 
@@ -72,9 +72,11 @@ class ARGenerator(LoopNetwork):
 
     # --- sampling ------------------------------------------------------------------------
 
-    def static_step(self, rows: int):
+    def static_step(self, rows: int, options: decoders.Options):
+        """The sampled step for `rows` (options: this generator's own), wrapped by the
+        engines' wrapper: built once per batch size, its cache buffers then reused."""
         if rows not in self.steps:
-            step = self.net.static_step(rows, self.net.null.device)
+            step = decoders.SampledStep(self.net.static_step(rows, self.net.null.device), options)
             fixed = decoders.DECODERS[self.decode].fixed
             self.steps[rows] = _Wrapped(step, self.wrap(step)) if self.wrap and fixed == "step" else step
         return self.steps[rows]
@@ -91,17 +93,17 @@ class ARGenerator(LoopNetwork):
 
 
 class _Wrapped:
-    """A static step whose token steps run through an engine's wrapper; the prefill (one
+    """A sampled step whose token steps run through an engine's wrapper; the prefill (one
     pass of another shape) runs as it is, on the same cache."""
 
-    def __init__(self, step: Step, run: Callable):
+    def __init__(self, step: decoders.SampledStep, run: Callable):
         self.step, self.run = step, run
 
     def prefill(self, prefix: torch.Tensor) -> torch.Tensor:
         return self.step.prefill(prefix)
 
-    def __call__(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        return self.run(tokens, position)
+    def __call__(self, tokens: torch.Tensor, position: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        return self.run(tokens, position, uniforms)
 
 
 def check_decode(objective: str, decode: str) -> None:
