@@ -87,7 +87,7 @@ def _generate(spec: dict, out: Path, batch_size: int, device: torch.device, prog
     distributed.barrier()  # every process has its list before any writes
     # This process's shards, rank, rank + N, ...: a range, walked lazily, so that neither
     # the list of shards nor anything else held grows with n (a job of 10^12 images has 10^9).
-    mine = range(here.rank, -(-spec["n"] // spec["shard_size"]), here.size)
+    mine = range(here.rank, _shard_count(spec), here.size)
     already = sum(record["count"] for record in finished.values())
     share = _images_in(spec, mine) - sum(record["count"] for k, record in finished.items() if k in mine)
 
@@ -108,11 +108,15 @@ def _generate(spec: dict, out: Path, batch_size: int, device: torch.device, prog
     return written, already
 
 
+def _shard_count(spec: dict) -> int:
+    return -(-spec["n"] // spec["shard_size"])
+
+
 def _images_in(spec: dict, shards: range) -> int:
     """Images in these shards: whole shards, less what the last shard of the job lacks."""
-    total = len(shards) * spec["shard_size"]
-    last = -(-spec["n"] // spec["shard_size"]) - 1
-    return total - (last + 1) * spec["shard_size"] + spec["n"] if last in shards else total
+    count = _shard_count(spec)
+    shortfall = count * spec["shard_size"] - spec["n"]
+    return len(shards) * spec["shard_size"] - (shortfall if count - 1 in shards else 0)
 
 
 def _span(spec: dict, shard: int) -> tuple[int, int]:
@@ -220,7 +224,7 @@ def _valid(record, spec: dict) -> bool:
     if not isinstance(record, dict) or any(type(record.get(k)) is not t for k, t in RECORD_FIELDS.items()):
         return False
     shard = record["shard"]
-    if not 0 <= shard < -(-spec["n"] // spec["shard_size"]):
+    if not 0 <= shard < _shard_count(spec):
         return False
     start, end = _span(spec, shard)
     return (record["start"], record["count"]) == (start, end - start) and 0 < record["distinct"] <= end - start

@@ -114,8 +114,7 @@ def load_modules(ckpt: checkpoint.Checkpoint, device: str | torch.device = "cpu"
     """Rebuild a checkpoint's family, config and the networks it holds (the inference ones at least)."""
     family = get_family(ckpt.family)
     config = configlib.from_dict(family.config_class, ckpt.config)
-    kept = {name: state for name, state in ckpt.modules.items()}
-    modules = build(family, config, device, kept)
+    modules = build(family, config, device, ckpt.modules)
     modules = {name: module for name, module in modules.items()
                if name in ckpt.modules or name in family.inference_modules()}
     load_weights(modules, ckpt.modules)
@@ -156,7 +155,7 @@ def reconstructions(name_or_path: str | Path, n: int, seed: int = 0, class_name:
     if not family.reconstructs:
         raise GenfastError(f"--reconstruct needs a model with an encoder (vae, vqvae); {name_or_path} is a "
                            f"{family.name}")
-    index = None if class_name is None else class_index(tuple(ckpt.dataset.get("class_names", ())), class_name)
+    index = None if class_name is None else class_index(class_names_of(ckpt, config), class_name)
     test = data.load(ckpt.dataset["name"], "test", image_size=config.image_size, channels=config.channels)
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
     if index is not None:

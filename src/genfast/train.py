@@ -72,6 +72,10 @@ class TrainOptions:
     progress: bool = True
     sync_batchnorm: bool = False   # several GPU processes: BatchNorm statistics over the global batch
 
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.out) / CHECKPOINT_NAME
+
 
 def _seed_step(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     """Puts the global generators (dropout masks) on the stream of step `step` in process
@@ -102,16 +106,9 @@ class _TensorBoard:
     it becomes the one line), after printing it itself: that print is silenced."""
 
     def __init__(self, folder: Path, purge_step: int | None):
-        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
         from torch.utils.tensorboard import SummaryWriter  # 0.3 s to import: only when training
 
-        previous = threading.excepthook
-
-        def quiet_writer_errors(args):
-            if not (isinstance(args.thread, _AsyncWriterThread) and issubclass(args.exc_type, OSError)):
-                previous(args)
-
-        threading.excepthook = quiet_writer_errors
+        _quiet_writer_thread_errors()
         self.folder = folder
         self.writer = self._guarded(SummaryWriter, str(folder), purge_step=purge_step)
 
@@ -135,6 +132,23 @@ class _TensorBoard:
         except GenfastError:
             if not quietly:
                 raise
+
+
+def _quiet_writer_thread_errors() -> None:
+    """Once per process: TensorBoard's writer thread no longer prints the file errors it
+    hands on to the writer's next call (any other thread's exception prints as before)."""
+    if getattr(threading.excepthook, "genfast", False):
+        return
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    previous = threading.excepthook
+
+    def quiet(args):
+        if not (isinstance(args.thread, _AsyncWriterThread) and issubclass(args.exc_type, OSError)):
+            previous(args)
+
+    quiet.genfast = True
+    threading.excepthook = quiet
 
 
 def _autocast(device: torch.device, precision: str):
@@ -168,7 +182,7 @@ def _stop_between_steps():
 
 def read_saved(options: TrainOptions) -> checkpoint.Checkpoint | None:
     """The checkpoint to resume, or None for a new run in an unused folder."""
-    path = Path(options.out) / CHECKPOINT_NAME
+    path = options.checkpoint_path
     if not options.resume:
         if path.exists():
             raise GenfastError(f"{path} already exists; pass --resume to continue that run, or choose another --out")
@@ -209,10 +223,10 @@ def plan_run(family: Family, options: TrainOptions, asked: dict[str, Any], saved
     precision = options.precision or (saved.extra.get("precision", "fp32") if saved else "fp32")
     if saved is not None and not (type(saved.step) is int and saved.step >= 0 and isinstance(precision, str)
                                   and type(saved.extra.get("total_steps", 0)) is int):
-        raise GenfastError(f"{Path(options.out) / CHECKPOINT_NAME} has a damaged header (its step, total_steps or "
+        raise GenfastError(f"{options.checkpoint_path} has a damaged header (its step, total_steps or "
                            f"precision); it cannot be resumed")
     seeding.check_seed(seed)
-    _autocast(torch.device("cpu"), precision)  # an unknown precision is refused here
+    _autocast(CPU, precision)  # an unknown precision is refused here
 
     config = _config_for_run(family, asked, saved)
     train_set = load_data(data_name, "train", image_size=config.image_size, channels=config.channels if saved else None)
@@ -251,7 +265,7 @@ def plan_run(family: Family, options: TrainOptions, asked: dict[str, Any], saved
 
 
 def _check_resumable(family: Family, options: TrainOptions, saved: checkpoint.Checkpoint) -> None:
-    path = Path(options.out) / CHECKPOINT_NAME
+    path = options.checkpoint_path
     if saved.family != family.name:
         raise GenfastError(f"{path} is a '{saved.family}' checkpoint, not '{family.name}'; resume it as that family")
     if saved.inference_only:
@@ -352,7 +366,7 @@ class _Outputs:
     def __init__(self, plan: RunPlan, setup: _SetUp, options: TrainOptions, device: torch.device,
                  here: distributed.World):
         self.plan, self.setup, self.out = plan, setup, Path(options.out)
-        self.path = self.out / CHECKPOINT_NAME
+        self.path = options.checkpoint_path
         self.info = {"seed": plan.seed, "total_steps": plan.total, "steps_per_epoch": plan.steps_per_epoch,
                      "precision": plan.precision, "device": str(device), "processes": here.size,
                      "model_name": plan.family.model_name(setup.config)}

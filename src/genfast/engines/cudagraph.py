@@ -81,8 +81,8 @@ class GraphReplay:
 
 class GraphedCall:
     """A fixed-shape call of tensors (a looping network's fixed part: the ar static
-    decoder's step, (tokens (B, 1), position (1,)) -> logits) replayed from one recorded
-    graph. Recorded on the first call, with that call's inputs already copied into the
+    decoder's sampled step, (tokens (rows, 1), position (1,), uniforms (B,)) -> next tokens)
+    replayed from one recorded graph. Recorded on the first call, with that call's inputs already copied into the
     static buffers, so the recording's warm-up runs write into any state the part keeps
     (its cache) exactly what the call itself writes."""
 

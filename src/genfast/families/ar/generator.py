@@ -36,8 +36,8 @@ class ARGenerator(LoopNetwork):
         self.tokenizer, self.net = tokenizer, net
         self.decode, self.options, self.passes = decode, options, 0
         self.wrap, self.steps = wrap, {}
-        fixed = decoders.DECODERS[decode].fixed
-        self.forward_pass = wrap(net) if wrap and fixed == "forward" else None
+        self.fixed = decoders.DECODERS[decode].fixed  # which of its passes the wrapper wraps
+        self.forward_pass = wrap(net) if wrap and self.fixed == "forward" else None
 
     def __getstate__(self):
         # The per-batch steps are a cache (of compiled code and cache buffers): a copy
@@ -47,8 +47,7 @@ class ARGenerator(LoopNetwork):
     # --- the acceleration surface (LoopNetwork) ------------------------------------------
 
     def fixed_part(self) -> FixedPart | None:
-        fixed = decoders.DECODERS[self.decode].fixed
-        return None if fixed is None else PARTS[fixed]
+        return None if self.fixed is None else PARTS[self.fixed]
 
     def fixed_part_advice(self, recordable: bool) -> str:
         fitting = [name for name in decoders.fitting(self.net.objective)
@@ -77,8 +76,7 @@ class ARGenerator(LoopNetwork):
         engines' wrapper: built once per batch size, its cache buffers then reused."""
         if rows not in self.steps:
             step = decoders.SampledStep(self.net.static_step(rows, self.net.null.device), options)
-            fixed = decoders.DECODERS[self.decode].fixed
-            self.steps[rows] = _Wrapped(step, self.wrap(step)) if self.wrap and fixed == "step" else step
+            self.steps[rows] = _Wrapped(step, self.wrap(step)) if self.wrap and self.fixed == "step" else step
         return self.steps[rows]
 
     def tokens(self, noise: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
