@@ -10,10 +10,18 @@ engine's images next to eager's. An engine that cannot run here is a row with st
 never a crash. For an ar model the decoding strategies are measured the same way,
 each row also carrying its forward passes per image and its ratio to naive decoding.
 Output: a markdown table, a JSON list of rows, a PNG plot.
+
+Where the time goes (--profile DIR): after the timed calls, a few warm calls of each
+(engine, batch size) under torch.profiler (CPU activity, and CUDA's on a GPU), written as
+a Chrome trace that Perfetto, chrome://tracing and TensorBoard's profiler plugin open, and
+the operators that took the most self time, per row. On CUDA every call of an engine is an
+NVTX range named after it, so a run under Nsight Systems (`nsys profile genfast bench ...`)
+shows them by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import statistics
@@ -26,7 +34,10 @@ import torch
 from genfast import engines, images, memory, metrics
 from genfast.errors import GenfastError
 from genfast.families.base import LoopNetwork, Sampler
-from genfast.fileio import atomic_path, write_bytes, writing
+from genfast.fileio import atomic_path, ensure_dir, write_bytes, writing
+
+PROFILE_CALLS = 3  # warm calls in each trace: the steady state, in a file that opens quickly
+PROFILE_TOP = 5    # operators named per row of the profile table
 
 
 @dataclass
@@ -46,15 +57,28 @@ class Row:
     fid: float | None = None
     forward_passes_per_image: int | None = None  # ar models
     speedup_vs_naive: float | None = None         # ar models: against naive decoding, same engine
+    trace: str | None = None                      # --profile: the file of this row's torch.profiler trace
+    top_operators: list[dict] | None = None       # --profile: {name, ms_per_call, share} by self time
 
 
-def _timed(call, device: torch.device) -> float:
-    """Seconds for one call, the device synchronised (CUDA events on a GPU)."""
+def _named(label: str, device: torch.device):
+    """An NVTX range on CUDA, for Nsight Systems; nothing elsewhere (a CPU build has no NVTX)."""
+    return torch.cuda.nvtx.range(label) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _label(name: str, decode: str | None, batch: int) -> str:
+    """What a row's calls are called in traces and NVTX ranges: "fused b16", "eager/static b1"."""
+    return f"{name}{'/' + decode if decode else ''} b{batch}"
+
+
+def _timed(call, device: torch.device, label: str) -> float:
+    """Seconds for one call, the device synchronised (CUDA events on a GPU, inside the NVTX range)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
+        with _named(label, device):
+            start.record()
+            call()
+            end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1000
     begin = time.perf_counter()
@@ -78,6 +102,46 @@ def _peak_memory_mb(call, device: torch.device) -> float | None:
     return None if peak["peak"] is None else peak["peak"] / 2**20
 
 
+def _profiled(call, device: torch.device, label: str, path: Path) -> list[dict]:
+    """PROFILE_CALLS warm calls under torch.profiler, each a range named `label`, written as a
+    Chrome trace at `path`; returns the operators that took the most self time (module docstring)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(PROFILE_CALLS):
+            with _named(label, device), record_function(label):
+                call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    with writing(path), atomic_path(path) as tmp:
+        profiler.export_chrome_trace(str(tmp))
+    return _top_operators(profiler.key_averages(), device, label)
+
+
+def _top_operators(events, device: torch.device, label: str) -> list[dict]:
+    """The PROFILE_TOP operators by self time (the device's on a GPU), each with its time per
+    call and its share of all the calls' time. Only the host's events are ranked: on CUDA the
+    kernels are listed too, and their time is already their launching operator's self time.
+    The label's own range is not an operator; its self time (Python between operators) still
+    counts in the whole that the shares are of."""
+    cuda = device.type == "cuda"
+
+    def self_us(event) -> float:
+        return event.self_device_time_total if cuda else event.self_cpu_time_total
+
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    whole = sum(map(self_us, host)) or 1.0
+    ranked = sorted((e for e in host if e.key != label and self_us(e) > 0), key=self_us, reverse=True)
+    return [{"name": e.key, "ms_per_call": self_us(e) / 1000 / PROFILE_CALLS, "share": self_us(e) / whole}
+            for e in ranked[:PROFILE_TOP]]
+
+
+def trace_name(name: str, decode: str | None, batch: int) -> str:
+    """A row's trace file: the suffix TensorBoard's profiler plugin looks for, Chrome's JSON inside."""
+    return f"{name}{'-' + decode if decode else ''}-b{batch}.pt.trace.json"
+
+
 def _passes(sampler: Sampler) -> int | None:
     """Forward passes of an ar sampler's last call (its generator counts them)."""
     if sampler.module is None:
@@ -87,15 +151,18 @@ def _passes(sampler: Sampler) -> int | None:
 
 def measure(sampler: Sampler, engine_names: list[str], batch_sizes: list[int], repeats: int = 20,
             warmup: int = 3, fid_n: int = 0, seed: int = 0, progress: bool = True,
-            decodes: list[str] | None = None) -> list[Row]:
+            decodes: list[str] | None = None, profile: Path | None = None) -> list[Row]:
     """Rows in engine order (then decode), then batch size. The timed calls of all
     variants are interleaved (round robin), so a machine that speeds up or slows down
     during the run skews none. For an ar model, `decodes` are its decoding strategies;
-    each engine's rows are compared with eager under the same strategy."""
+    each engine's rows are compared with eager under the same strategy. With `profile`
+    (a folder), each row's trace is written there after its timed calls."""
     if decodes and not sampler.loops:
         raise GenfastError("--decode applies to ar models, which decode token by token; this one makes an image "
                            "in one call")
     device = sampler.device
+    if profile is not None:
+        ensure_dir(profile)
     # The eager reference of each strategy (the sampler itself when there is none).
     references = {decode: sampler if decode is None else sampler.with_decoding(decode) for decode in decodes or [None]}
     variants = [(name, decode) for name in engine_names for decode in references]
@@ -127,8 +194,8 @@ def measure(sampler: Sampler, engine_names: list[str], batch_sizes: list[int], r
         times: dict[tuple[str, str | None], list[float]] = {key: [] for key in ready}
         calls = {key: functools.partial(fast, noise, labels) for key, (fast, _) in ready.items()}
         for _ in range(repeats):
-            for key, call in calls.items():
-                times[key].append(_timed(call, device))
+            for (name, decode), call in calls.items():
+                times[name, decode].append(_timed(call, device, _label(name, decode, batch)))
         for (name, decode), seconds in times.items():
             ordered = sorted(seconds)
             row = rows[name, decode, batch]
@@ -141,6 +208,11 @@ def measure(sampler: Sampler, engine_names: list[str], batch_sizes: list[int], r
                 row.speedup_vs_eager = row.images_per_s / rows["eager", decode, batch].images_per_s
             if (name, "naive") in ready:
                 row.speedup_vs_naive = row.images_per_s / rows[name, "naive", batch].images_per_s
+        if profile is not None:
+            for (name, decode), call in calls.items():
+                row = rows[name, decode, batch]
+                row.trace = str(Path(profile) / trace_name(name, decode, batch))
+                row.top_operators = _profiled(call, device, _label(name, decode, batch), Path(row.trace))
     if fid_n:
         for (name, decode), (fast, _) in ready.items():
             fid = metrics.evaluate(fast, n=fid_n, seed=seed, progress=progress)["fid"]
@@ -164,6 +236,23 @@ def markdown(rows: list[Row]) -> str:
                  fmt(r.speedup_vs_eager, ".2f") + ("x" if r.speedup_vs_eager else ""),
                  *([fmt(r.forward_passes_per_image, "d"), fmt(r.speedup_vs_naive, ".2f")] if decoding else []),
                  fmt(r.peak_memory_mb, ".1f"), fmt(r.max_abs_diff, ".1e"), fmt(r.fid, ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def profile_markdown(rows: list[Row]) -> str:
+    """--profile's table: per row, its trace file and the operators that took the most self
+    time, each with its milliseconds per call and its share of the calls' time."""
+    decoding = any(r.decode for r in rows)
+    ranks = [str(rank) for rank in range(1, PROFILE_TOP + 1)]
+    lines = ["| engine | " + ("decode | " if decoding else "") + "batch | trace | " + " | ".join(ranks) + " |",
+             "| --- | " + ("--- | " if decoding else "") + "---: | --- | " + " | ".join("---" for _ in ranks) + " |"]
+    for r in rows:
+        if r.top_operators is None:  # a skipped engine
+            continue
+        operators = [f"{op['name']} {op['ms_per_call']:.3f} ms ({op['share']:.0%})" for op in r.top_operators]
+        cells = [r.engine, *([r.decode] if decoding else []), str(r.batch_size), Path(r.trace).name,
+                 *operators, *["-"] * (PROFILE_TOP - len(operators))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

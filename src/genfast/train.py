@@ -1,7 +1,7 @@
 """The one training loop. Families own their loss; this owns everything around it.
 
-Seeds, devices, mixed precision, the progress bar, TensorBoard, sample grids,
-checkpoints, resume and divergence checks live here, so every family gets them
+Seeds, devices, mixed precision, the progress bar, the logs (TensorBoard, and W&B when
+asked), sample grids, checkpoints, resume and divergence checks live here, so every family gets them
 the same way (after minGPT's trainer, which knows nothing about the model).
 
 Randomness is a pure function of (seed, step): the data order of epoch e is a
@@ -18,7 +18,7 @@ order, so a step sees the same images whatever N is, and the averaged gradient i
 same mean over them. What differs with N: the noise (process r draws its own, from
 the stream (seed, step, r)), BatchNorm statistics (per process unless --sync-bn)
 and the order of floating-point sums. Rank 0 alone writes checkpoints, samples and
-TensorBoard logs; the checkpoint holds the bare networks, so a run resumes at any N.
+logs; the checkpoint holds the bare networks, so a run resumes at any N.
 
 A run is first a plan (`plan_run`: a pure function of the family, the options, the
 config asked for, the saved run if resuming, and the world; every rule about what a
@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from genfast import config as configlib
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import Family, get_family
+from genfast.fileio import write_bytes
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 DEFAULT_DATA = "fashion-mnist"
@@ -67,7 +70,8 @@ class TrainOptions:
     precision: str | None = None   # fp32 (default) | bf16 autocast; a resumed run keeps its own unless told
     sample_every: int = 500        # steps between sample grids (and at the end)
     checkpoint_every: int = 500    # steps between checkpoints (and at the end, and on Ctrl-C)
-    log_every: int = 10            # steps between TensorBoard scalars
+    log_every: int = 10            # steps between logged scalars
+    log: tuple[str, ...] = ("tensorboard",)  # where scalars and sample grids go: names in LOG_TARGETS
     max_loss_growth: float = 1e4   # a loss this many times its first value (or NaN/inf) stops the run
     progress: bool = True
     sync_batchnorm: bool = False   # several GPU processes: BatchNorm statistics over the global batch
@@ -93,24 +97,47 @@ def _epoch_order(train_size: int, seed: int, epoch: int, here: distributed.World
     return order[:usable][here.rank::here.size]
 
 
-class _Silent:
-    """The TensorBoard writer of a process that is not rank 0: it writes nothing."""
+class _LogTarget:
+    """Where a run's scalars and sample grids go (one entry of LOG_TARGETS). A target is
+    opened by rank 0 alone, in the run folder, once the run is known to be possible."""
 
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+    name = ""  # what --log calls it
+
+    @classmethod
+    def check_installed(cls) -> None:
+        """Raise a GenfastError naming what to install when the target's library is missing:
+        asked before any work, so a run never stops for it half-way."""
+
+    def __init__(self, out: Path, start: int, run_config: dict[str, Any]):
+        """`start`: the step a resumed run continues from (0 for a new one); `run_config`:
+        the family, the data set, the config and the run's facts, for targets that keep them."""
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        raise NotImplementedError
+
+    def add_images(self, tag: str, batch: torch.Tensor, step: int) -> None:
+        """`batch`: uint8 (N, C, H, W), the sample grid's images."""
+        raise NotImplementedError
+
+    def close(self, failed: bool = False) -> None:
+        """`failed` while another error is on its way: that one is what the user must read."""
 
 
-class _TensorBoard:
-    """TensorBoard's writer, its file errors (a full disk) one line like every other write's.
-    Its events are written by a thread, which hands an error to the next call here (where
-    it becomes the one line), after printing it itself: that print is silenced."""
+class _TensorBoard(_LogTarget):
+    """TensorBoard's writer (in tb/), its file errors (a full disk) one line like every other
+    write's. Its events are written by a thread, which hands an error to the next call here
+    (where it becomes the one line), after printing it itself: that print is silenced."""
 
-    def __init__(self, folder: Path, purge_step: int | None):
+    name = "tensorboard"
+
+    def __init__(self, out: Path, start: int, run_config: dict[str, Any]):
         from torch.utils.tensorboard import SummaryWriter  # 0.3 s to import: only when training
 
         _quiet_writer_thread_errors()
-        self.folder = folder
-        self.writer = self._guarded(SummaryWriter, str(folder), purge_step=purge_step)
+        self.folder = out / "tb"
+        # purge_step: a resumed run drops events logged after its checkpoint by the run it
+        # continues (the checkpoint of step `start` was written after that step's events).
+        self.writer = self._guarded(SummaryWriter, str(self.folder), purge_step=start + 1 if start else None)
 
     def _guarded(self, call, *args, **kwargs):
         try:
@@ -119,18 +146,17 @@ class _TensorBoard:
             raise GenfastError(f"cannot write TensorBoard logs in {self.folder}: {e.strerror or e}; free some space "
                                f"or choose another --out (checkpoints already written are kept)") from None
 
-    def add_scalar(self, *args, **kwargs):
-        self._guarded(self.writer.add_scalar, *args, **kwargs)
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._guarded(self.writer.add_scalar, tag, value, step)
 
-    def add_images(self, *args, **kwargs):
-        self._guarded(self.writer.add_images, *args, **kwargs)
+    def add_images(self, tag: str, batch: torch.Tensor, step: int) -> None:
+        self._guarded(self.writer.add_images, tag, batch, step, dataformats="NCHW")
 
-    def close(self, quietly: bool = False) -> None:
-        """`quietly` while another error is on its way: that one is what the user must read."""
+    def close(self, failed: bool = False) -> None:
         try:
             self._guarded(self.writer.close)
         except GenfastError:
-            if not quietly:
+            if not failed:
                 raise
 
 
@@ -149,6 +175,115 @@ def _quiet_writer_thread_errors() -> None:
 
     quiet.genfast = True
     threading.excepthook = quiet
+
+
+WANDB_ID_NAME = "wandb-run-id"  # in the run folder: the W&B run a resumed run continues
+
+
+class _WandB(_LogTarget):
+    """Weights & Biases, through the `wandb` library: the same scalars and sample grids as
+    TensorBoard, plus the run's config. Offline unless WANDB_MODE says otherwise, so that a
+    run never waits on a network or a login: W&B writes the run under wandb/ in the run
+    folder, and `wandb sync` uploads it later. The run's W&B id is kept in the run folder,
+    so a resumed run continues the same W&B run (its steps after the checkpoint's)."""
+
+    name = "wandb"
+
+    @classmethod
+    def check_installed(cls) -> None:
+        try:
+            import wandb  # noqa: F401  (1-3 s to import: only when asked for)
+        except ImportError:
+            raise GenfastError("--log wandb needs the wandb library: pip install 'genfast[wandb]'") from None
+
+    def __init__(self, out: Path, start: int, run_config: dict[str, Any]):
+        import wandb
+
+        self.wandb = wandb
+        id_path = out / WANDB_ID_NAME
+        run_id = id_path.read_text().strip() if start and id_path.exists() else uuid.uuid4().hex[:12]
+        write_bytes(id_path, run_id.encode() + b"\n")
+        self.mode = os.environ.get("WANDB_MODE") or "offline"
+        self.run = self._guarded("start the run", wandb.init, dir=str(out), id=run_id, resume="allow", mode=self.mode,
+                                 project=os.environ.get("WANDB_PROJECT") or "genfast", name=out.name,
+                                 config=run_config, settings=wandb.Settings(console="off"))
+
+    def _guarded(self, what: str, call, *args, **kwargs):
+        try:
+            return call(*args, **kwargs)
+        except (OSError, self.wandb.errors.Error) as e:
+            why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            hint = "free some space or choose another --out" if self.mode == "offline" else \
+                "WANDB_MODE=offline logs locally, for a later wandb sync"
+            raise GenfastError(f"W&B could not {what}: {why}; {hint} (checkpoints already written are kept)") from None
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        # Rows of one step gather until a later step is logged (W&B's step only grows).
+        self._guarded("log", self.run.log, {tag: value}, step=step)
+
+    def add_images(self, tag: str, batch: torch.Tensor, step: int) -> None:
+        grid = images.make_grid(batch)  # one picture, as TensorBoard shows the batch
+        picture = self.wandb.Image(grid[..., 0] if grid.shape[-1] == 1 else grid)
+        self._guarded("log", self.run.log, {tag: picture}, step=step)
+
+    def close(self, failed: bool = False) -> None:
+        try:
+            self._guarded("finish the run", self.run.finish, exit_code=1 if failed else 0)
+        except GenfastError:
+            if not failed:
+                raise
+
+
+# Every place a run can log to, by the name --log takes.
+LOG_TARGETS: dict[str, type[_LogTarget]] = {target.name: target for target in (_TensorBoard, _WandB)}
+
+
+def check_log_targets(names: tuple[str, ...]) -> None:
+    """Unknown names and missing libraries, said before any work (no names: a run that logs nowhere)."""
+    if unknown := [name for name in names if name not in LOG_TARGETS]:
+        raise GenfastError(f"unknown log target '{unknown[0]}'; choose from {', '.join(LOG_TARGETS)}, "
+                           f"or several joined by commas")
+    for name in names:
+        LOG_TARGETS[name].check_installed()
+
+
+class _Silent:
+    """The logs of a process that is not rank 0: it writes nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+class _Logs:
+    """The run's log targets, each told the same thing, in the order --log named them."""
+
+    def __init__(self, names: tuple[str, ...], out: Path, start: int, run_config: dict[str, Any]):
+        self.targets: list[_LogTarget] = []
+        try:
+            for name in names:
+                self.targets.append(LOG_TARGETS[name](out, start, run_config))
+        except BaseException:
+            self.close(failed=True)  # the ones already open are not left half-written
+            raise
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        for target in self.targets:
+            target.add_scalar(tag, value, step)
+
+    def add_images(self, tag: str, batch: torch.Tensor, step: int) -> None:
+        for target in self.targets:
+            target.add_images(tag, batch, step)
+
+    def close(self, failed: bool = False) -> None:
+        """Every target is closed, whichever fails; the first failure is the one said."""
+        errors = []
+        for target in self.targets:
+            try:
+                target.close(failed)
+            except GenfastError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
 
 def _autocast(device: torch.device, precision: str):
@@ -227,6 +362,7 @@ def plan_run(family: Family, options: TrainOptions, asked: dict[str, Any], saved
                            f"precision); it cannot be resumed")
     seeding.check_seed(seed)
     _autocast(CPU, precision)  # an unknown precision is refused here
+    check_log_targets(options.log)
 
     config = _config_for_run(family, asked, saved)
     train_set = load_data(data_name, "train", image_size=config.image_size, channels=config.channels if saved else None)
@@ -361,7 +497,7 @@ def _set_up(plan: RunPlan, options: TrainOptions, device: torch.device) -> _SetU
 
 
 class _Outputs:
-    """What rank 0 writes: the checkpoint, sample grids, held-out scores, TensorBoard."""
+    """What rank 0 writes: the checkpoint, sample grids, held-out scores, the logs."""
 
     def __init__(self, plan: RunPlan, setup: _SetUp, options: TrainOptions, device: torch.device,
                  here: distributed.World):
@@ -374,10 +510,9 @@ class _Outputs:
         self.test_split: data.ImageSet | None = None  # loaded at the first evaluation only
         if here.main:
             images.writable_target(self.path)
-        # purge_step: a resumed run drops events logged after its checkpoint by the run it
-        # continues (the checkpoint of step `start` was written after that step's events).
-        self.writer = (_TensorBoard(self.out / "tb", purge_step=plan.start + 1 if plan.start else None)
-                       if here.main else _Silent())
+        run_config = {"family": plan.family.name, "data": plan.data_name, **self.info,
+                      "config": configlib.to_dict(setup.config)}
+        self.logs = _Logs(options.log, self.out, plan.start, run_config) if here.main else _Silent()
 
     def save(self, step: int) -> None:
         s = self.setup
@@ -392,7 +527,7 @@ class _Outputs:
         grid = self.plan.family.sampler(s.modules, s.config, self.class_names).generate(
             10 * len(self.class_names) or 64, seed=self.plan.seed)
         images.save_grid(grid, self.out / "samples" / f"step_{step:07d}.png", nrow=len(self.class_names) or None)
-        self.writer.add_images("samples", images.to_uint8(grid), step, dataformats="NCHW")
+        self.logs.add_images("samples", images.to_uint8(grid), step)
         for module in s.modules.values():
             module.train()
 
@@ -405,7 +540,7 @@ class _Outputs:
         scores = self.plan.family.evaluate(s.modules, s.config, images.to_float(self.test_split.images),
                                            self.test_split.labels)
         for key, value in scores.items():
-            self.writer.add_scalar(f"test/{key}", value, step)
+            self.logs.add_scalar(f"test/{key}", value, step)
         self.info["test"] = scores
 
 
@@ -457,12 +592,12 @@ def _loop(plan: RunPlan, options: TrainOptions, device: torch.device, here: dist
                 _check_divergence(losses, first_losses, options.max_loss_growth, done, family,
                                   outputs.path, last_saved)
 
-                # Log: TensorBoard every log_every steps, the progress bar every step.
+                # Log: the log targets every log_every steps, the progress bar every step.
                 images_per_s = (done - plan.start) * config.batch_size / step_seconds
                 if done % options.log_every == 0 or done == plan.total:
                     for key, value in losses.items():
-                        outputs.writer.add_scalar(f"train/{key}", value, done)
-                    outputs.writer.add_scalar("train/images_per_s", images_per_s, done)
+                        outputs.logs.add_scalar(f"train/{key}", value, done)
+                    outputs.logs.add_scalar("train/images_per_s", images_per_s, done)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k.startswith("loss")}
                                 | {"img/s": f"{images_per_s:.0f}"})
@@ -491,7 +626,7 @@ def _loop(plan: RunPlan, options: TrainOptions, device: torch.device, here: dist
             finished = True
         finally:
             bar.close()
-            outputs.writer.close(quietly=not finished)
+            outputs.logs.close(failed=not finished)
     distributed.barrier()  # no process ends the job before rank 0 has written the last checkpoint
     return outputs.path
 
