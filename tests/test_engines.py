@@ -131,7 +131,7 @@ def test_graph_replay_keeps_static_buffers_and_hands_out_copies():
         recorded.append(output)
         return (lambda: output.copy_(run())), output
 
-    replay = GraphReplay(sampler.module, conditional=True, recorder=recorder)
+    replay = GraphReplay(sampler.module, recorder=recorder)
     first = replay(noise[:5], labels[:5])
     assert torch.allclose(first, expected[:5], atol=1e-6)
     second = replay(noise[3:8], labels[3:8])  # same bucket (8): the same graph, new inputs

@@ -9,7 +9,11 @@ and labels into the buffers, replays, and returns a copy of the output: the next
 replay overwrites the graph's own output, which callers must never see change.
 
 The bookkeeping (buckets, static buffers, padding, copies) is `GraphReplay`, tested
-on the CPU with a stand-in recorder; `record_cuda_graph` is the CUDA part.
+on the CPU with a stand-in recorder; `record_cuda_graph` is the CUDA part. A sampler
+that decodes token by token (ar's static decoder) is recorded whole: its fixed
+length and pre-drawn noise make the 49 steps, the prefill and every draw one fixed
+sequence of kernels, so one replay makes a batch of images (gpt-fast and LlamaGen
+record one step and launch it per token).
 """
 
 from __future__ import annotations
@@ -43,66 +47,41 @@ def record_cuda_graph(run: Callable[[], torch.Tensor], pool=None) -> tuple[Calla
 
 
 class GraphReplay:
-    """Calls `module(noise, labels)` through one recorded graph per bucket."""
+    """Calls `module(*inputs)` through one recorded graph per bucket. Every input is a batch
+    (B, ...) or None (a sampler without labels); rows are independent, so padding rows
+    change no result. For a looping network (ar) the module is its whole decode, prefill,
+    steps and draws: one replay per batch, not one per token."""
 
-    def __init__(self, module: nn.Module, conditional: bool, recorder: Recorder | None = None):
+    def __init__(self, module: nn.Module, recorder: Recorder | None = None):
         self.module = module
-        self.conditional = conditional
         self.device = next(module.parameters()).device
         self.recorder = recorder or self._record_in_shared_pool
         self.pool = None
-        self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor | None, Callable[[], None], torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[list[torch.Tensor | None], Callable[[], None], torch.Tensor]] = {}
 
     def _record_in_shared_pool(self, run):
         # One memory pool for all buckets: their graphs never run at the same time.
         self.pool = self.pool or torch.cuda.graph_pool_handle()
         return record_cuda_graph(run, self.pool)
 
-    def _graph(self, padded: int, noise: torch.Tensor):
+    def _graph(self, padded: int, inputs: tuple[torch.Tensor | None, ...]):
         if padded not in self.graphs:
-            static_noise = torch.zeros(padded, *noise.shape[1:], dtype=noise.dtype, device=self.device)
-            static_labels = torch.zeros(padded, dtype=torch.long, device=self.device) if self.conditional else None
-            replay, output = self.recorder(lambda: self.module(static_noise, static_labels))
-            self.graphs[padded] = (static_noise, static_labels, replay, output)
+            static = [None if x is None else torch.zeros(padded, *x.shape[1:], dtype=x.dtype, device=self.device)
+                      for x in inputs]
+            replay, output = self.recorder(lambda: self.module(*static))
+            self.graphs[padded] = (static, replay, output)
         return self.graphs[padded]
 
     @torch.inference_mode()
-    def __call__(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        n = len(noise)
-        static_noise, static_labels, replay, output = self._graph(bucket(n), noise)
-        static_noise[:n].copy_(noise)
-        static_noise[n:].zero_()  # padding rows: any finite value; rows are independent in eval mode
-        if static_labels is not None:
-            static_labels[:n].copy_(labels)
-            static_labels[n:].zero_()
+    def __call__(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+        n = len(inputs[0])
+        static, replay, output = self._graph(bucket(n), inputs)
+        for buffer, x in zip(static, inputs):
+            if buffer is not None:
+                buffer[:n].copy_(x)
+                buffer[n:].zero_()  # padding rows: any finite value; rows are independent in eval mode
         replay()
         return output[:n].clone()
-
-
-class GraphedCall:
-    """A fixed-shape call of tensors (a looping network's fixed part: the ar static
-    decoder's sampled step, (tokens (rows, 1), position (1,), uniforms (B,)) -> next tokens)
-    replayed from one recorded graph. Recorded on the first call, with that call's inputs already copied into the
-    static buffers, so the recording's warm-up runs write into any state the part keeps
-    (its cache) exactly what the call itself writes."""
-
-    def __init__(self, part: Callable[..., torch.Tensor], recorder: Recorder | None = None):
-        self.part, self.recorder = part, recorder or record_cuda_graph
-        self.inputs: tuple[torch.Tensor, ...] = ()
-        self.replay = self.output = None
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if self.replay is None:
-            self.inputs = tuple(x.clone() for x in inputs)
-            self.replay, self.output = self.recorder(lambda: self.part(*self.inputs))
-        else:
-            if [x.shape for x in inputs] != [x.shape for x in self.inputs]:
-                raise ValueError(f"a recorded call takes the shapes it was recorded with, "
-                                 f"{[tuple(x.shape) for x in self.inputs]}")
-            for static, x in zip(self.inputs, inputs):
-                static.copy_(x)
-        self.replay()
-        return self.output.clone()
 
 
 def require_cuda(device: torch.device) -> None:

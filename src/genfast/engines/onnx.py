@@ -1,10 +1,19 @@
 """ONNX: export a sampler's network, and run it with ONNX Runtime in fp32 or int8 (CPU; CUDA provider
-when present).
+when present); or, for a sampler that decodes in a loop (ar), its fixed part in fp32 on the CPU.
 
 The export goes through torch.export (`torch.onnx.export(dynamo=True)`) with a dynamic
 batch dimension, so one file serves every batch size. ONNX Runtime and the exporter's
 helpers are optional dependencies (`pip install genfast[onnx]`); without them the engine
 says so in one line.
+
+Why a loop's part goes to ONNX Runtime: a token step of the ar transformer is ~100
+small operators. On the 2-core AMD EPYC genfast is built on, PyTorch spends ~4 ms on
+one (eager; torch.compile ~3.6 ms, with freezing ~2.2 ms): MKL takes ~100 us per
+1x192 by 192x576 product (its small-matrix path, with the weights not yet in cache),
+and a compiled call pays ~0.3 ms of guard checks. ONNX Runtime runs the same step in
+~0.6 ms: its MLAS kernels read prepacked weights, and a node costs ~1-2 us. The part
+keeps its state in its own buffers, bound to the session once (IO binding, no copy),
+so a call costs its inputs' copies, the run, and the part's commit of its writes.
 """
 
 from __future__ import annotations
@@ -13,7 +22,9 @@ import contextlib
 import dataclasses
 import io
 import logging
+import statistics
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -21,8 +32,8 @@ import torch
 
 from genfast.engines.fusion import fold_batchnorm
 from genfast.engines.subpixel import subpixel
-from genfast.errors import EngineUnavailable
-from genfast.families.base import Sampler
+from genfast.errors import EngineUnavailable, GenfastError
+from genfast.families.base import Exported, Sampler
 from genfast.fileio import atomic_path, writing
 from genfast.seeding import MAX_SEED
 
@@ -73,13 +84,7 @@ def _session(model: bytes, device: torch.device):
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    # ONNX Runtime's threads spin for a while after each run, waiting for the next: on a
-    # small machine they take the cores from whatever runs next (in bench, eager at
-    # batch 1 went from 0.6 to 8 ms when timed after an ORT engine).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(model, options, providers=providers)
+    session = ort.InferenceSession(model, _session_options(ort), providers=providers)
 
     def generate(noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         feed = {"noise": noise.cpu().numpy()}
@@ -88,6 +93,16 @@ def _session(model: bytes, device: torch.device):
         return torch.from_numpy(session.run(None, feed)[0])
 
     return generate
+
+
+def _session_options(ort):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    # ONNX Runtime's threads spin for a while after each run, waiting for the next: on a
+    # small machine they take the cores from whatever runs next (in bench, eager at
+    # batch 1 went from 0.6 to 8 ms when timed after an ORT engine).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def onnx_runtime(sampler: Sampler):
@@ -142,3 +157,127 @@ def int8_runtime(sampler: Sampler):
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         model = (folder / "int8.onnx").read_bytes()
     return _session(model, sampler.device)
+
+
+class PartRuntime:
+    """The onnx engine's wrapper of a looping network's fixed parts (families/base.py,
+    `Exported`): each distinct part (its `key`) is exported once, with dynamic batch axes,
+    into sessions that the parts of every batch size share; a part runs as an
+    ExportedCall on its own state."""
+
+    def __init__(self):
+        self.sessions: dict[tuple, dict[int, object]] = {}
+
+    def __call__(self, part) -> ExportedCall:
+        exported = part.exported()
+        if exported.key not in self.sessions:
+            self.sessions[exported.key] = _part_sessions(exported)
+        return ExportedCall(exported, self.sessions[exported.key])
+
+
+def _part_sessions(exported: Exported) -> dict[int, object]:
+    """Sessions of the exported part, one per thread count worth trying (1 and torch's):
+    which is faster depends on the batch and the machine (see _Bound)."""
+    ort = _require()
+    count = len(exported.example)
+    with tempfile.TemporaryDirectory() as folder, _quiet():
+        path = Path(folder) / "part.onnx"
+        torch.onnx.export(exported.module.eval(), exported.example, str(path),
+                          input_names=[f"input{i}" for i in range(count)],
+                          dynamic_shapes=exported.dynamic_shapes, dynamo=True, external_data=False)
+        model = path.read_bytes()
+    sessions = {}
+    for threads in sorted({1, torch.get_num_threads()}):
+        options = _session_options(ort)
+        options.intra_op_num_threads = threads
+        sessions[threads] = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    # The exporter falls back to fixed shapes when it cannot keep an axis dynamic: say so here,
+    # not as a shape error at the first call of another batch size.
+    for node, dynamic in zip(sessions[1].get_inputs(), _flat(exported.dynamic_shapes)):
+        fixed = [axis for axis in dynamic if not isinstance(node.shape[axis], str)]
+        if fixed:
+            raise GenfastError(f"exporting {type(exported.module).__name__} fixed axis {fixed[0]} of its input "
+                               f"{node.name}: the part's code specialises on a batch size")
+    return sessions
+
+
+def _flat(shapes) -> list[dict]:
+    """torch.export's nested dynamic_shapes (a *args parameter is one tuple) as one entry per tensor."""
+    return [axes for entry in shapes for axes in (_flat(entry) if isinstance(entry, (tuple, list)) else [entry])]
+
+
+class ExportedCall:
+    """Calls an exported part (inputs -> output) in ONNX Runtime through IO bindings, one
+    per shape of the inputs, made on the first call of that shape: the call's inputs are
+    copied into buffers of its own (as a CUDA graph's are), the part's state and the
+    outputs are bound where they live, so a call makes no other copy. After each run the
+    part commits its writes to its state; the output is returned as a copy, since the
+    next run overwrites it."""
+
+    def __init__(self, exported: Exported, sessions: dict[int, object]):
+        self.exported, self.sessions = exported, sessions
+        self.bound: dict[tuple, _Bound] = {}
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        shapes = tuple(tuple(x.shape) for x in inputs)
+        if shapes not in self.bound:
+            self.bound[shapes] = _Bound(self.sessions, inputs, self.exported.state)
+        else:
+            self.bound[shapes].run(inputs)
+        bound = self.bound[shapes]
+        self.exported.commit(bound.inputs, tuple(bound.outputs[1:]))
+        return bound.outputs[0].clone()
+
+
+TRIAL_RUNS = 5  # timed runs per thread count when a shape is first bound
+
+
+class _Bound:
+    """IO bindings of one input shape, one per session: the first run lets ONNX Runtime
+    allocate the outputs (their shapes follow from the inputs'), and every binding then
+    writes into those tensors. The session kept is the faster over a few timed runs of
+    this very call: on the 2-core AMD EPYC VM one thread ran the batch-1 ar step in
+    ~0.6 ms and two in ~0.9 ms (a node is too small to split, and waking the second
+    thread costs more than it saves), while larger batches gain from both. A run is pure
+    (the commit comes after), so the trials change nothing."""
+
+    def __init__(self, sessions: dict[int, object], inputs: tuple[torch.Tensor, ...],
+                 state: tuple[torch.Tensor, ...]):
+        self.inputs = tuple(x.detach().contiguous().clone() for x in inputs)
+        first = next(iter(sessions.values()))
+        names = [node.name for node in first.get_outputs()]
+        bindings = {}
+        for threads, session in sessions.items():
+            binding = session.io_binding()
+            for node, tensor in zip(session.get_inputs(), (*self.inputs, *state)):
+                _bind_tensor(binding.bind_input, node.name, tensor)
+            bindings[threads] = binding
+        allocating = bindings[next(iter(sessions))]
+        for name in names:
+            allocating.bind_output(name, "cpu")
+        first.run_with_iobinding(allocating)
+        self.outputs = [torch.from_numpy(value.numpy()).clone() for value in allocating.get_outputs()]
+        allocating.clear_binding_outputs()
+        for binding in bindings.values():
+            for name, tensor in zip(names, self.outputs):
+                _bind_tensor(binding.bind_output, name, tensor)
+        timings = {threads: [] for threads in sessions}
+        if len(sessions) > 1:
+            for _ in range(TRIAL_RUNS):
+                for threads, session in sessions.items():
+                    start = time.perf_counter()
+                    session.run_with_iobinding(bindings[threads])
+                    timings[threads].append(time.perf_counter() - start)
+        self.threads = min(timings, key=lambda threads: statistics.median(timings[threads] or [0.0]))
+        self.session, self.binding = sessions[self.threads], bindings[self.threads]
+
+    def run(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        for static, x in zip(self.inputs, inputs):
+            static.copy_(x)
+        self.session.run_with_iobinding(self.binding)
+
+
+def _bind_tensor(bind, name: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name}: ONNX Runtime reads contiguous memory; this tensor is a strided view")
+    bind(name, "cpu", 0, torch.empty(0, dtype=tensor.dtype).numpy().dtype, list(tensor.shape), tensor.data_ptr())

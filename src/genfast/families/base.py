@@ -231,10 +231,28 @@ def check_bounds(config: Any, where: str = "config") -> None:
 @dataclass(frozen=True)
 class FixedPart:
     """The part of a looping network that runs with the same shapes on every call (for a
-    given batch size), which compile and cudagraph replace with a faster equivalent."""
+    given batch size), which compile, cudagraph and onnx replace with a faster equivalent.
+    Every fixed part also offers `exported()` (an `Exported`), for engines that hand it to
+    another runtime."""
 
     name: str          # for people: "the static decoder's token step"
-    recordable: bool   # it keeps its state in buffers reused across calls, so a CUDA graph can replay it
+
+
+@dataclass
+class Exported:
+    """A fixed part as a pure function, for an engine that exports it (onnx): `module` maps
+    (*inputs, *state) to (output, *writes) with no side effect; `state` are the part's live
+    buffers (its cache), read by every call; `commit(inputs, writes)` stores one call's
+    writes in them, so the part's own code (a prefill, say) and the exported calls share
+    one state. `dynamic_shapes` marks the batch axes for torch.export, so one export
+    serves every batch size; parts with equal `key` compute the same function."""
+
+    module: nn.Module
+    example: tuple[torch.Tensor, ...]   # inputs of one call, for tracing
+    state: tuple[torch.Tensor, ...]
+    commit: Callable[[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]], None]
+    dynamic_shapes: tuple  # torch.export's dynamic_shapes for module(*example) (a *args parameter takes one entry)
+    key: tuple
 
 
 Wrap = Callable[[nn.Module], Callable[..., torch.Tensor]]  # an engine's wrapper of a fixed part
@@ -253,13 +271,24 @@ class LoopNetwork(nn.Module, metaclass=ABCMeta):
         """The part of the current strategy with fixed shapes, or None (its inputs grow)."""
 
     @abstractmethod
-    def fixed_part_advice(self, recordable: bool) -> str:
-        """For an engine's one-line error: which settings give a (recordable) fixed part."""
+    def fixed_part_advice(self, recorded: bool) -> str:
+        """For an engine's one-line error: which settings give a fixed part (recorded: a
+        recorded_part)."""
 
     @abstractmethod
     def with_fixed_part(self, wrap: Wrap) -> LoopNetwork:
         """The same weights and settings, the fixed part run through `wrap` (after any
         wrapper it already has, so engines compose: compile+cudagraph)."""
+
+    @abstractmethod
+    def recorded_part(self) -> FixedPart | None:
+        """What a recorder (cudagraph) captures whole: the entire decode, where the strategy
+        has a fixed length and never waits on a tensor's value; else None."""
+
+    @abstractmethod
+    def with_recorded_part(self, record: Wrap) -> LoopNetwork:
+        """The same, its whole decode, a module (prefix (B, P, C), uniforms (B, 3, T)) ->
+        tokens (B, T), run through `record` (the fixed part's wrapper, if any, inside it)."""
 
     @abstractmethod
     def with_decoding(self, decode: str | None = None, **options) -> LoopNetwork:

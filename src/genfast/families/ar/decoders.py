@@ -35,6 +35,7 @@ and `static` give the same tokens for the same noise.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genfast.families.ar.model import ARNet, Step
+from genfast.families.base import Exported
 
 
 @dataclass
@@ -80,7 +82,8 @@ def guided_probs(logits: torch.Tensor, options: Options, guided: bool) -> torch.
     top-k. Temperature 0 gives a one-hot on the argmax (greedy)."""
     logits = logits.float()
     if guided:
-        conditional, unconditional = logits.chunk(2)
+        half = logits.shape[0] // 2  # not chunk(2) or len(): they would fix the batch size of an export
+        conditional, unconditional = logits[:half], logits[half:]
         logits = unconditional + options.cfg * (conditional - unconditional)
     if options.top_k:
         kth = logits.topk(min(options.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -91,10 +94,12 @@ def guided_probs(logits: torch.Tensor, options: Options, guided: bool) -> torch.
 
 
 def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: the token whose cumulative probability first exceeds u."""
+    """Inverse-CDF sampling: the token whose cumulative probability first reaches u. The
+    count of cumulative sums below u is that token's index (a sum of non-negative numbers
+    never decreases, also in floating point), and unlike searchsorted it exports to ONNX."""
     cumulative = probs.cumsum(-1)
-    index = torch.searchsorted(cumulative, (uniforms * cumulative[..., -1]).unsqueeze(-1).contiguous())
-    return index.squeeze(-1).clamp_max(probs.shape[-1] - 1)
+    below = cumulative < (uniforms * cumulative[..., -1]).unsqueeze(-1)
+    return below.sum(-1).clamp_max(probs.shape[-1] - 1)
 
 
 class SampledStep(nn.Module):
@@ -112,6 +117,72 @@ class SampledStep(nn.Module):
 
     def forward(self, tokens: torch.Tensor, position: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         return draw(guided_probs(self.step(tokens, position), self.options, self.guided), uniforms)
+
+    def exported(self) -> Exported:
+        """This step as a pure function over its cache (PureStep), for an exporting engine:
+        its cache's layers are the state, and a call's keys and values for its position are
+        written into them (one index_copy_ each), so the prefill, which runs here, and the
+        exported calls share the cache. One export serves every batch size."""
+        net, cache = self.step.net, self.step.cache
+        batch = torch.export.Dim("batch", min=1)
+        rows = 2 * batch if self.guided else batch
+        layer_shape = cache.keys.shape[2:]  # (heads, length, head dim)
+        example_rows = 4 if self.guided else 2  # torch.export specialises on a batch of 1
+        example = (torch.zeros(example_rows, 1, dtype=torch.long, device=cache.keys.device),
+                   torch.tensor([net.prefix_tokens], device=cache.keys.device),
+                   torch.full((2,), 0.5, device=cache.keys.device),
+                   *[cache.keys.new_zeros(example_rows, *layer_shape) for _ in range(2 * net.layers)])
+
+        def commit(inputs: tuple[torch.Tensor, ...], writes: tuple[torch.Tensor, ...]) -> None:
+            position = inputs[1]
+            cache.keys.index_copy_(3, position, writes[0])
+            cache.values.index_copy_(3, position, writes[1])
+
+        return Exported(PureStep(net, self.options), example, (*cache.keys.unbind(), *cache.values.unbind()), commit,
+                        ({0: rows}, {}, {0: batch}, ({0: rows},) * (2 * net.layers)),  # *cache: one entry
+                        ("step", dataclasses.astuple(self.options)))
+
+
+class PureStep(nn.Module):
+    """SampledStep's computation written for export, with no side effect: (tokens (rows,
+    1), position (1,), uniforms (B,), *keys, *values (one (rows, heads, length, head dim)
+    per layer)) -> (next tokens (B,), the position's keys and values (layers, rows, heads,
+    1, head dim)). The same arithmetic as Block and Attention for one token, arranged for
+    fewer ONNX nodes: 2-D activations (a Linear becomes one Gemm), heads split by one
+    reshape (one token needs no transpose), the mask as one additive bias shared by every
+    layer, and the new key and value attended beside the cache instead of written into a
+    copy of it (a `where` over the whole cache cost 1.2 ms a layer at batch 64 in ONNX
+    Runtime, more than the layer's matrix products). The tests hold it to the eager static
+    step's tokens."""
+
+    def __init__(self, net: ARNet, options: Options):
+        super().__init__()
+        self.net, self.options, self.guided = net, options, options.cfg != 1.0
+        self.register_buffer("slots", torch.arange(net.prefix_tokens + net.sequence_length), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor, uniforms: torch.Tensor, *cache: torch.Tensor):
+        net, rows = self.net, tokens.shape[0]
+        heads, head_dim = net.heads, net.width // net.heads
+        keys, values = cache[:net.layers], cache[net.layers:]
+        x = net.wte(tokens[:, 0]) + net.wpe(position)  # (rows, width)
+        # The cache's slots before this token's; its own slot is not written yet (it is stale).
+        before = torch.where(self.slots < position, 0.0, -math.inf).to(x.dtype)
+        scale = head_dim ** -0.5
+        new_keys, new_values = [], []
+        for block, layer_keys, layer_values in zip(net.blocks, keys, values):
+            qkv = block.attn.qkv(block.ln1(x)).view(rows, 3, heads, 1, head_dim)
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+            # Attention over [the cache before this token, this token]: the same weights as over
+            # the cache with this token written into its slot, without copying the cache.
+            scores = torch.cat([q @ layer_keys.transpose(-1, -2) * scale + before, (q * k).sum(-1, True) * scale], -1)
+            weights = scores.softmax(-1)
+            attended = weights[..., :-1] @ layer_values + weights[..., -1:] * v
+            x = x + block.attn.proj(attended.reshape(rows, net.width))
+            x = x + block.mlp(block.ln2(x))
+            new_keys.append(k)
+            new_values.append(v)
+        probs = guided_probs(net.head(net.ln_f(x)), self.options, self.guided)
+        return draw(probs, uniforms), torch.stack(new_keys), torch.stack(new_values)
 
 
 class Decoder:
@@ -178,7 +249,10 @@ def jacobi(network: Network, prefix: torch.Tensor, noise: torch.Tensor, options:
     `jacobi_window`): draft x ~ q is kept with probability min(1, p(x)/q(x)); the first
     rejected one is replaced by a draw from the residual max(p - q, 0) and ends the run.
     At least one token is settled per pass. Positions after the run are redrafted from
-    the latest p, which becomes their q. The first drafts come from the uniform q."""
+    the latest p, which becomes their q, through `couple`: a redraft keeps the old draft
+    whenever the two distributions allow, so the context of later positions changes as
+    little as it can and their drafts keep passing. The first drafts come from the
+    uniform q."""
     net = network.net
     d = Decoder(net, prefix, options)
     batch, length, vocab = d.batch, d.length, net.vocab_size
@@ -204,10 +278,43 @@ def jacobi(network: Network, prefix: torch.Tensor, noise: torch.Tensor, options:
         drafts[row[replace], at[replace]] = draw(residual[replace], v[row[replace], at[replace]])
         settled = torch.where(replace, first + 1, first)
         redraft = positions >= settled[:, None]
-        drafts = torch.where(redraft, draw(p, u), drafts)
+        drafts = torch.where(redraft, couple(drafts, q, p, *pass_uniforms(u, d.passes)), drafts)
         q = torch.where(redraft[..., None], p, q)
         accepted = torch.maximum(accepted, settled)
     return drafts, d.passes
+
+
+def couple(drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, keep: torch.Tensor,
+           fresh: torch.Tensor) -> torch.Tensor:
+    """Maximal coupling (as in MC-SJD, Lee et al. 2025): redraft tokens x ~ q as tokens ~ p
+    that equal x as often as any redraft can, 1 - TV(p, q) of the time. x is kept with
+    probability min(1, p(x)/q(x)) (uniforms `keep`), else replaced by a draw from the
+    residual max(p - q, 0) (uniforms `fresh`). The result follows p exactly whenever
+    x ~ q and the uniforms are new, which is what keeps Jacobi exact. Drawing every
+    redraft afresh by inverse CDF agreed far less often (the measured passes are in
+    BENCHMARKS.md)."""
+    kept = keep * q.gather(-1, drafts[..., None]).squeeze(-1) < p.gather(-1, drafts[..., None]).squeeze(-1)
+    residual = (p - q).clamp_min(0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+    return torch.where(kept, drafts, draw(residual, fresh))
+
+
+def pass_uniforms(u: torch.Tensor, counter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sets of uniforms per position, new for every pass and reproducible from the
+    noise: a counter-based generator (Wellons' lowbias32 integer hash) of the bits of the
+    position's u, the pass number and a stream number. Reusing one uniform across passes
+    instead would tie a redraft to the earlier coupling tests at its position and bias it."""
+    bits = u.float().contiguous().view(torch.int32).long() & 0xFFFFFFFF
+    streams = []
+    for stream in (1, 2):
+        x = bits ^ ((counter * 0x9E3779B9 + stream * 0x85EBCA6B) & 0xFFFFFFFF)
+        x = x ^ (x >> 16)
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x = x ^ (x >> 15)
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        x = x ^ (x >> 16)
+        streams.append(((x.double() + 0.5) / 2 ** 32).float())
+    return streams[0], streams[1]
 
 
 def parallel(network: Network, prefix: torch.Tensor, noise: torch.Tensor,
@@ -248,12 +355,14 @@ class Strategy:
     objective: str             # the training objective it decodes: "causal" or "masked"
     fixed: str | None          # its fixed-shape pass: "step" (static_step), "forward", or None (inputs grow)
     summary: str               # one line for --help
+    recordable: bool = False   # the whole decode has one length and never reads a tensor's value on the host
 
 
 DECODERS: dict[str, Strategy] = {
     "naive": Strategy(naive, "causal", None, "the whole sequence again for every token"),
     "kv": Strategy(kv, "causal", None, "one token a pass over a growing key/value cache"),
-    "static": Strategy(static, "causal", "step", "kv over a cache of fixed size: compile and cudagraph wrap its step"),
+    "static": Strategy(static, "causal", "step", "kv over a cache of fixed size: compile and onnx wrap its step, "
+                       "cudagraph records all of it", recordable=True),
     "jacobi": Strategy(jacobi, "causal", "forward", "speculative Jacobi: all tokens drafted, checked, redrafted"),
     "parallel": Strategy(parallel, "masked", "forward", "MaskGIT: the most confident masked tokens fixed per step"),
 }

@@ -1,11 +1,13 @@
 """What an `ar` sampler runs: noise and a condition -> tokens through a decoding strategy ->
 pixels through the tokenizer's decoder, and the acceleration surface engines use.
 
-The generator is a LoopNetwork (families/base.py): compile and cudagraph never learn
-which strategy it runs. They ask for its fixed-shape part, which the strategy's
+The generator is a LoopNetwork (families/base.py): compile, onnx and cudagraph never
+learn which strategy it runs. They ask for its fixed-shape part, which the strategy's
 registry entry names (decoders.py): the static decoder's token step (one wrapped step
-is kept per batch size, so compiling or recording happens once per size, and its
-cache buffers are reused), or the full-sequence pass of jacobi and parallel.
+is kept per batch size, so compiling or exporting happens once per size, and its cache
+buffers are reused), or the full-sequence pass of jacobi and parallel. A recorder asks
+for the whole decode instead, which the static decoder offers: fixed length, no wait
+on a tensor's value, so one CUDA graph holds all of it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from genfast.errors import GenfastError
 from genfast.families.ar import decoders
@@ -21,8 +24,9 @@ from genfast.families.ar.model import ARNet
 from genfast.families.ar.tokenizer import VQVAENet
 from genfast.families.base import FixedPart, LoopNetwork, Wrap
 
-PARTS = {"step": FixedPart("the static decoder's token step, its draw included", recordable=True),
-         "forward": FixedPart("the full-sequence pass", recordable=False)}
+PARTS = {"step": FixedPart("the static decoder's token step, its draw included"),
+         "forward": FixedPart("the full-sequence pass"),
+         "decode": FixedPart("the static decoder's whole decode: prefill, every step and draw")}
 
 
 class ARGenerator(LoopNetwork):
@@ -30,31 +34,38 @@ class ARGenerator(LoopNetwork):
     forward passes (per image: every row of the batch takes them together)."""
 
     def __init__(self, tokenizer: VQVAENet, net: ARNet, decode: str, options: decoders.Options,
-                 wrap: Wrap | None = None):
+                 wrap: Wrap | None = None, record: Wrap | None = None):
         super().__init__()
         check_decode(net.objective, decode)
         self.tokenizer, self.net = tokenizer, net
         self.decode, self.options, self.passes = decode, options, 0
         self.wrap, self.steps = wrap, {}
-        self.fixed = decoders.DECODERS[decode].fixed  # which of its passes the wrapper wraps
+        strategy = decoders.DECODERS[decode]
+        self.fixed = strategy.fixed  # which of its passes the wrapper wraps
         self.forward_pass = wrap(net) if wrap and self.fixed == "forward" else None
+        self.record, self.recorded = record, None  # the recorder and, once made, the recorded whole decode
 
     def __getstate__(self):
-        # The per-batch steps are a cache (of compiled code and cache buffers): a copy
-        # (bf16's deepcopy) starts without them and builds its own.
-        return self.__dict__ | {"steps": {}}
+        # The per-batch steps and the recording are caches (of compiled code, cache buffers,
+        # graphs): a copy (bf16's deepcopy) starts without them and builds its own.
+        return self.__dict__ | {"steps": {}, "recorded": None}
 
     # --- the acceleration surface (LoopNetwork) ------------------------------------------
 
     def fixed_part(self) -> FixedPart | None:
         return None if self.fixed is None else PARTS[self.fixed]
 
-    def fixed_part_advice(self, recordable: bool) -> str:
-        fitting = [name for name in decoders.fitting(self.net.objective)
-                   if (fixed := decoders.DECODERS[name].fixed) and (PARTS[fixed].recordable or not recordable)]
-        current = self.fixed_part()
-        why = (f"{self.decode} has none" if current is None else
-               f"{self.decode}'s, {current.name}, is not recordable")
+    def recorded_part(self) -> FixedPart | None:
+        return PARTS["decode"] if decoders.DECODERS[self.decode].recordable else None
+
+    def fixed_part_advice(self, recorded: bool) -> str:
+        def offers(name: str) -> bool:
+            strategy = decoders.DECODERS[name]
+            return strategy.recordable if recorded else strategy.fixed is not None
+
+        fitting = [name for name in decoders.fitting(self.net.objective) if offers(name)]
+        why = (f"{self.decode} reads its tokens' values between passes" if recorded and self.fixed else
+               f"{self.decode} has none")
         advice = f"use --decode {' or '.join(fitting)}" if fitting else \
             f"no strategy of this {self.net.objective} model has one"
         return f"{advice} ({why})"
@@ -62,7 +73,10 @@ class ARGenerator(LoopNetwork):
     def with_fixed_part(self, wrap: Wrap) -> ARGenerator:
         inner = self.wrap
         return ARGenerator(self.tokenizer, self.net, self.decode, self.options,
-                           wrap if inner is None else lambda part: wrap(inner(part)))
+                           wrap if inner is None else lambda part: wrap(inner(part)), self.record)
+
+    def with_recorded_part(self, record: Wrap) -> ARGenerator:
+        return ARGenerator(self.tokenizer, self.net, self.decode, self.options, self.wrap, record)
 
     def with_decoding(self, decode: str | None = None, **options) -> ARGenerator:
         changes = {key: value for key, value in options.items() if value is not None}
@@ -82,12 +96,34 @@ class ARGenerator(LoopNetwork):
     def tokens(self, noise: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         uniforms = torch.special.ndtr(noise.float())  # Gaussian noise -> uniforms, one set per position
         prefix = self.net.prefix(condition) if condition is not None else self.net.null_prefix(len(noise))
+        if self.record is None:
+            tokens, self.passes = self.run_strategy(prefix, uniforms)
+            return tokens
+        if self.recorded is None:
+            self.recorded = self.record(_WholeDecode(self))
+        self.passes = self.net.sequence_length  # a recordable strategy's fixed length: a pass per token
+        return self.recorded(prefix, uniforms)
+
+    def run_strategy(self, prefix: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, int]:
         network = decoders.Network(self.net, self.forward_pass, self.static_step)
-        tokens, self.passes = decoders.DECODERS[self.decode].run(network, prefix, uniforms, self.options)
-        return tokens
+        return decoders.DECODERS[self.decode].run(network, prefix, uniforms, self.options)
 
     def forward(self, noise: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         return self.tokenizer.decode(self.tokens(noise, condition))
+
+
+class _WholeDecode(nn.Module):
+    """A generator's whole decode as one module, (prefix, uniforms) -> tokens, for a recorder
+    (cudagraph's GraphReplay, which pads a batch to its bucket): the strategy over the
+    generator's own (possibly compiled) steps, so their cache buffers are what it records."""
+
+    def __init__(self, generator: ARGenerator):
+        super().__init__()
+        self.net = generator.net  # the recorder finds the device from its parameters
+        self.run_strategy = generator.run_strategy
+
+    def forward(self, prefix: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        return self.run_strategy(prefix, uniforms)[0]
 
 
 class _Wrapped:

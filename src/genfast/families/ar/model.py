@@ -19,7 +19,7 @@ from torch import nn
 
 from genfast.errors import GenfastError
 from genfast.families.ar.text import EMBEDDING_DIM
-from genfast.families.base import TrainedConfig
+from genfast.families.base import Exported, TrainedConfig
 
 
 @dataclass
@@ -208,6 +208,16 @@ class ARNet(nn.Module):
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer, positions)
         return self.head(self.ln_f(x))
+
+    def exported(self) -> Exported:
+        """The full-sequence pass for an exporting engine: pure already, no state; the batch
+        and the number of tokens dynamic, so one export serves jacobi and parallel alike."""
+        batch = torch.export.Dim("batch", min=1)
+        tokens = torch.export.Dim("tokens", min=1, max=self.sequence_length)
+        example = (self.null_prefix(2).detach().clone(),
+                   torch.zeros(2, self.sequence_length - 1, dtype=torch.long, device=self.null.device))
+        return Exported(self, example, (), lambda inputs, writes: None, ({0: batch}, {0: batch, 1: tokens}),
+                        ("forward",))
 
     def dynamic_step(self) -> Step:
         return Step(self, DynamicCache())
