@@ -26,13 +26,16 @@ import httpx  # noqa: E402
 from genfast import images, pretrained
 from genfast.errors import GenfastError
 from genfast.families.base import Sampler
-from genfast.serve import ServeOptions, create_app, model_key, serve
+from genfast.serve import ServeOptions, _listen, create_app, fair_shares, model_key, serve
 
 
-def call(app, *requests: tuple[str, str, dict | bytes | None]) -> list[httpx.Response]:
+def call(app, *requests: tuple[str, str, dict | bytes | tuple[bytes, dict] | None]) -> list[httpx.Response]:
     """Send the requests at the same time (one event loop, as a server would see them); a body
-    of bytes is sent as it is, as JSON text (httpx's encoder refuses NaN and lone surrogates)."""
+    of bytes is sent as it is, as JSON text (httpx's encoder refuses NaN and lone surrogates),
+    or with the headers paired with it."""
     def sent(body):
+        if isinstance(body, tuple):
+            return {"content": body[0], "headers": body[1]}
         if isinstance(body, bytes):
             return {"content": body, "headers": {"content-type": "application/json"}}
         return {"json": body}
@@ -233,6 +236,7 @@ def test_the_app_serves_again_after_its_lifespan_ended(tiny_gan):
     (dict(max_n=0), "--max-n must be at least 1, got 0"),
     (dict(max_queue=0), "--max-queue must be at least 1, got 0"),
     (dict(max_body_bytes=0), "max_body_bytes must be at least 1, got 0"),
+    (dict(threads=0), "--threads must be at least 1, got 0"),
 ])
 def test_settings_no_server_could_run_with_are_refused_in_one_line(options, message):
     with pytest.raises(GenfastError) as refused:
@@ -260,6 +264,28 @@ def test_a_port_serve_cannot_listen_on_is_one_line(tiny_gan, busy_port, capsys, 
     port = busy_port if port == "busy" else port
     assert main(["serve", str(tiny_gan), "--host", host, "--port", str(port)]) == 1
     assert capsys.readouterr().err == f"genfast: error: {message.format(port=port)}\n"
+
+
+def test_serves_connections_with_nagles_algorithm_off():
+    """Else each answer waits for the client's delayed ACK between its headers and its body
+    (~40 ms a request on Linux): asyncio sets TCP_NODELAY only where the socket says TCP."""
+    async def accepted_nodelay(listening: socket.socket) -> int:
+        loop = asyncio.get_running_loop()
+        connected = loop.create_future()
+
+        class Accept(asyncio.Protocol):
+            def connection_made(self, transport):
+                connected.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP,
+                                                                                  socket.TCP_NODELAY))
+
+        server = await loop.create_server(Accept, sock=listening)  # as uvicorn serves the socket it is given
+        _, writer = await asyncio.open_connection(*listening.getsockname())
+        nodelay = await asyncio.wait_for(connected, 10)
+        writer.close()
+        server.close()
+        return nodelay
+
+    assert asyncio.run(accepted_nodelay(_listen("127.0.0.1", 0))) == 1
 
 
 def test_serve_answers_on_its_port_and_ends_on_ctrl_c(tiny_gan, capsys):
@@ -359,6 +385,95 @@ def test_a_full_queue_is_a_429_and_a_slow_request_a_504(tiny_gan):
     assert np.array_equal(np.load(io.BytesIO(response.content))["images"], offline(tiny_gan, 2, 1))
 
 
+@pytest.mark.parametrize("demands, capacity, shares", [
+    ([24, 1], 8, [7, 1]),               # the single image is in; the rest of the pass is the other's
+    ([64, 64, 64], 10, [4, 3, 3]),      # equal parts, the odd image to the first in turn
+    ([2, 100, 5], 64, [2, 57, 5]),      # what two need less of goes to the third
+    ([3, 4], 64, [3, 4]),               # room for all
+    ([1] * 10, 4, [1] * 4 + [0] * 6),   # more clients than images: the first in turn, the rest next pass
+])
+def test_fair_shares(demands, capacity, shares):
+    assert fair_shares(demands, capacity) == shares
+
+
+class PassGate:
+    """A sampler that lets a forward pass through only when the test releases one, and
+    records the number of images each pass was asked for."""
+
+    def __init__(self, sampler: Sampler):
+        self.inner, self.sizes, self.allowed = sampler, [], threading.Semaphore(0)
+
+    def __call__(self, noise, labels=None):
+        self.sizes.append(len(noise))
+        assert self.allowed.acquire(timeout=30)
+        return self.inner(noise, labels)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_client_queueing_large_requests_delays_another_clients_image_by_one_pass_at_most(tiny_gan):
+    """The documented rule: a client with nothing else waiting gets its image into the pass
+    after the one running when it arrived, however much another client has queued."""
+    app = create_app([str(tiny_gan)], ServeOptions(max_batch=8, max_n=8))
+    key = model_key(str(tiny_gan))
+    batcher = app.state.batchers[key]
+    gate = batcher.sampler = PassGate(batcher.sampler)
+
+    async def until(condition) -> None:  # no timing assumed: each step waits for the state it needs
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://genfast") as client:
+            def post(user: str, n: int, seed: int) -> asyncio.Task:
+                return asyncio.create_task(client.post("/v1/generate", json={
+                    "model": key, "n": n, "seed": seed, "user": user, "format": "npz"}))
+
+            large = [post("bulk", 8, 0)]
+            await until(lambda: gate.sizes == [8])           # the first pass is held at the gate
+            large += [post("bulk", 8, seed) for seed in (1, 2, 3)]
+            await until(lambda: batcher.queued == 24)        # three passes' worth queued behind it
+            single = post("single", 1, 99)
+            await until(lambda: batcher.queued == 25)
+            gate.allowed.release(2)                          # the running pass and the next one, no more
+            answered = await asyncio.wait_for(single, 30)
+            waiting = [not task.done() for task in large]
+            gate.allowed.release(3)
+            return answered, await asyncio.gather(*large), waiting
+
+    answered, large, waiting = asyncio.run(scenario())
+    assert np.array_equal(np.load(io.BytesIO(answered.content))["images"], offline(tiny_gan, 1, 99))
+    assert waiting[-2:] == [True, True]                      # answered while two large requests still waited
+    assert gate.sizes == [8, 8, 8, 8, 1]                     # pass 2: the single image and 7 of the next large
+    for seed, response in enumerate(large):
+        assert np.array_equal(np.load(io.BytesIO(response.content))["images"], offline(tiny_gan, 8, seed))
+
+
+def test_a_request_that_timed_out_leaves_the_queue(tiny_gan):
+    app = create_app([str(tiny_gan)], ServeOptions(max_batch=4, timeout_s=1.0))
+    key = model_key(str(tiny_gan))
+    batcher = app.state.batchers[key]
+    gate = batcher.sampler = PassGate(batcher.sampler)
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://genfast") as client:
+            def post(n: int) -> asyncio.Task:
+                return asyncio.create_task(client.post("/v1/generate", json={"model": key, "n": n, "format": "npz"}))
+
+            running = post(2)
+            while gate.sizes != [2]:  # held at the gate
+                await asyncio.sleep(0.01)
+            queued = await post(8)    # two passes' worth behind it, until its timeout
+            left = batcher.queued
+            gate.allowed.release(10)
+            return await running, queued, left
+
+    running, queued, left = asyncio.run(scenario())
+    assert running.status_code == queued.status_code == 504
+    assert left == 0 and gate.sizes == [2]  # none of the timed-out request's images was made
+
+
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
@@ -423,3 +538,17 @@ def test_serve_refuses_unknown_or_clashing_models_in_one_line(tiny_gan, capsys):
     assert capsys.readouterr().err.count("\n") == 1
     assert main(["serve", str(tiny_gan), str(tiny_gan)]) == 1
     assert "two models would be served as" in capsys.readouterr().err
+
+
+def test_an_ar_model_is_served_with_the_decode_and_engine_asked(tiny_ar, tiny_gan):
+    """--decode and --cfg reach the models that take them (the GAN beside it ignores them),
+    and the static decoder's step runs in ONNX Runtime: the images are kv's, offline."""
+    app = create_app([str(tiny_ar), str(tiny_gan)], ServeOptions(engine="onnx", decode="static", cfg=2.0))
+    ar = app.state.batchers[model_key(str(tiny_ar))]
+    assert ar.sampler.module.decode == "static" and ar.sampler.module.options.cfg == 2.0
+    response, = call(app, ("POST", "/v1/generate", {"model": model_key(str(tiny_ar)), "n": 3, "seed": 5,
+                                                   "format": "npz"}))
+    expected = images.to_uint8(pretrained.load(tiny_ar, decode="kv", cfg=2.0).generate(3, seed=5)).numpy()
+    assert np.array_equal(np.load(io.BytesIO(response.content))["images"], expected)
+    with pytest.raises(GenfastError, match="--decode apply to ar models, which decode token by token; none of"):
+        create_app([str(tiny_gan)], ServeOptions(decode="static"))

@@ -21,7 +21,7 @@ from genfast.errors import GenfastError, GenfastWarning
 from genfast.families import FAMILIES, get_family
 from genfast.families.ar import DECODERS
 from genfast.fileio import write_bytes
-from genfast.train import CHECKPOINT_NAME, TrainOptions, train
+from genfast.train import CHECKPOINT_NAME, LOG_TARGETS, TrainOptions, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +64,16 @@ def _engine(text: str) -> str:
     return text
 
 
+def _log_targets(text: str) -> tuple[str, ...]:
+    """train's --log: log target names joined by commas (checked here, before any work)."""
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in LOG_TARGETS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown log target '{unknown[0]}'; choose from {', '.join(LOG_TARGETS)}"
+                                         " or several joined by commas")
+    return tuple(dict.fromkeys(names))  # each target once, in the order named
+
+
 # --- commands -------------------------------------------------------------------------------------
 
 def _launched(args: argparse.Namespace) -> bool:
@@ -90,7 +100,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     options = TrainOptions(out=args.out, data=args.data, epochs=args.epochs, steps=args.steps, seed=args.seed,
                            resume=args.resume, device=args.device, precision=args.precision,
                            sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
-                           log_every=args.log_every, progress=not args.quiet, sync_batchnorm=args.sync_bn)
+                           log_every=args.log_every, log=args.log, progress=not args.quiet,
+                           sync_batchnorm=args.sync_bn)
     pairs = [*args.overrides, "text=true"] if args.text else args.overrides
     path = train(args.family, options, preset=args.preset, toml_path=args.config, pairs=pairs,
                  conditional=args.conditional)
@@ -215,15 +226,24 @@ def _eval_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    for path in (args.json, args.plot):  # fail before minutes of work, not after
+    # fail before minutes of work, not after (one trace's name stands for all the --profile folder's files)
+    if args.profile and args.profile.exists() and not args.profile.is_dir():
+        raise GenfastError(f"--profile {args.profile} is a file; give a folder for the traces")
+    a_trace = args.profile / bench.trace_name("eager", None, 1) if args.profile else None
+    for path in (args.json, args.plot, a_trace):
         if path is not None:
             images.writable_target(path)
     sampler = pretrained.load(args.model, device=args.device)
     rows = bench.measure(sampler, args.engines, args.batch_sizes, repeats=args.repeats, fid_n=args.fid_n,
-                         seed=args.seed, progress=not args.quiet, decodes=args.decode)
+                         seed=args.seed, progress=not args.quiet, decodes=args.decode, profile=args.profile)
     print(f"{args.model} on {resolve_device(args.device)}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(bench.markdown(rows))
+    if args.profile:
+        print(f"\ntop operators by self {'CUDA' if sampler.device.type == 'cuda' else 'CPU'} time per call "
+              f"({bench.PROFILE_CALLS} warm calls each; traces in {args.profile}/: open them in Perfetto, "
+              f"chrome://tracing or TensorBoard's profiler plugin)")
+        print(bench.profile_markdown(rows))
     if args.json:
         bench.write_json(rows, args.json)
         print(f"wrote {args.json}")
@@ -250,7 +270,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     options = ServeOptions(engine=args.engine, device=args.device, max_batch=args.max_batch,
                            max_wait_ms=args.max_wait_ms, batching=not args.no_batching, max_n=args.max_n,
-                           max_queue=args.max_queue, timeout_s=args.timeout,
+                           max_queue=args.max_queue, timeout_s=args.timeout, threads=args.threads,
+                           decode=args.decode, cfg=args.cfg,
                            **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}))
     serve(args.models, options, host=args.host, port=args.port)
 
@@ -361,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     # key=value config overrides are collected by main(), anywhere on the line.
     p.epilog = "Config overrides go anywhere as key=value, e.g. 'genfast train gan --data mnist lr_g=1e-4'."
     p.add_argument("--data", help="fashion-mnist (default) | mnist | fake | folder:PATH; --resume keeps the run's")
-    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, samples/, tb/")
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, samples/, tb/, wandb/")
     p.add_argument("--conditional", action="store_true", help="class-conditional variant")
     p.add_argument("--text", action="store_true", help="ar: condition on text prompts (MiniLM) instead of classes")
     length = p.add_mutually_exclusive_group()
@@ -374,7 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default fp32; --resume keeps the run's")
     p.add_argument("--sample-every", type=_positive, default=500, help="steps between sample grids")
     p.add_argument("--checkpoint-every", type=_positive, default=500, help="steps between checkpoints")
-    p.add_argument("--log-every", type=_positive, default=10, help="steps between TensorBoard scalars")
+    p.add_argument("--log-every", type=_positive, default=10, help="steps between logged scalars")
+    p.add_argument("--log", type=_log_targets, default=("tensorboard",), metavar="TARGETS",
+                   help="where scalars and sample grids go: " + ", ".join(LOG_TARGETS) + " or several joined by "
+                        "commas (default tensorboard); wandb runs offline unless WANDB_MODE=online (README)")
     _nproc("train as N processes on this machine (DistributedDataParallel); the batch size stays the global batch")(p)
     p.add_argument("--sync-bn", action="store_true", help="several GPU processes: BatchNorm over the global batch")
     p.set_defaults(run=cmd_train)
@@ -420,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ar models: decoding strategies to measure side by side (naive first)")
     p.add_argument("--json", type=Path, help="write the rows as JSON")
     p.add_argument("--plot", type=Path, help="write images/s against batch size as a PNG")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="also write a torch.profiler trace of a few warm calls per engine and batch size into DIR, "
+                        "and print the top operators by self time")
     p.set_defaults(run=cmd_bench)
 
     p = commands.add_parser("export", help="write a model's sampler network as ONNX (dynamic batch)",
@@ -429,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_export)
 
     p = commands.add_parser("serve", help="an HTTP service (and a web page) that generates images on request",
-                            parents=[_options(_device("cpu"), _engine_option)])
+                            parents=[_options(_device("cpu"), _engine_option, _decoding)])
     p.add_argument("models", nargs="+", help="shipped model names or checkpoint paths, loaded at start-up")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -443,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request before 504")
     p.add_argument("--max-body-bytes", type=_positive,
                    help="largest request body before 413 (default 64 KiB: a 4000-character prompt fits)")
+    p.add_argument("--threads", type=_positive, help="torch threads for the forward passes (default: torch's; "
+                                                     "1 where the event loop needs the other cores)")
     p.set_defaults(run=cmd_serve)
 
     p = commands.add_parser("models", help="list the shipped models, one per line, name first")
