@@ -136,7 +136,8 @@ def apply(sampler: Sampler, engine: str) -> Sampler:
             raise GenfastError(f"unknown engine '{name}'; choose one of: {', '.join(ENGINES)} (or join them with +)")
         if name in ONE_CALL and sampler.loops:
             raise EngineUnavailable(f"'{name}' needs a network run in one call; this model decodes token by token "
-                                    "(its speed-ups: --decode kv, static, jacobi, parallel; compile or onnx the static step)")
+                                    "(its speed-ups: --decode kv, static, jacobi, parallel; compile or onnx the "
+                                    "static step)")
     for previous, name in zip([None, *steps], steps):
         if (previous in LAST or sampler.module is None) and name != "eager":
             if previous is None:
