@@ -244,7 +244,7 @@ class _Bound:
     def __init__(self, sessions: dict[int, object], inputs: tuple[torch.Tensor, ...],
                  state: tuple[torch.Tensor, ...]):
         self.inputs = tuple(x.detach().contiguous().clone() for x in inputs)
-        first = next(iter(sessions.values()))
+        first_threads, first = next(iter(sessions.items()))
         names = [node.name for node in first.get_outputs()]
         bindings = {}
         for threads, session in sessions.items():
@@ -252,7 +252,7 @@ class _Bound:
             for node, tensor in zip(session.get_inputs(), (*self.inputs, *state)):
                 _bind_tensor(binding.bind_input, node.name, tensor)
             bindings[threads] = binding
-        allocating = bindings[next(iter(sessions))]
+        allocating = bindings[first_threads]
         for name in names:
             allocating.bind_output(name, "cpu")
         first.run_with_iobinding(allocating)

@@ -212,9 +212,9 @@ def naive(network: Network, prefix: torch.Tensor, noise: torch.Tensor, options: 
     return tokens, d.passes
 
 
-def _cached(net: ARNet, prefix: torch.Tensor, noise: torch.Tensor, options: Options,
-            stepper) -> tuple[torch.Tensor, int]:
-    """The loop of `kv` and `static`: the prefix in one pass (prefill), then one token a pass."""
+def kv(network: Network, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
+    """The prefix in one pass (prefill), then one token a pass over a growing cache."""
+    net, stepper = network.net, network.net.dynamic_step()
     d = Decoder(net, prefix, options)
     logits = stepper.prefill(d.prefix)
     positions = torch.arange(net.prefix_tokens, net.prefix_tokens + d.length, device=prefix.device)
@@ -224,10 +224,6 @@ def _cached(net: ARNet, prefix: torch.Tensor, noise: torch.Tensor, options: Opti
         if i + 1 < d.length:
             logits = stepper(d.rows(tokens[-1][:, None]), positions[i:i + 1])
     return torch.stack(tokens, 1), d.passes
-
-
-def kv(network: Network, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
-    return _cached(network.net, prefix, noise, options, network.net.dynamic_step())
 
 
 def static(network: Network, prefix: torch.Tensor, noise: torch.Tensor,
@@ -272,10 +268,9 @@ def jacobi(network: Network, prefix: torch.Tensor, noise: torch.Tensor, options:
                             (accepted + options.jacobi_window).clamp_max(length))
         at = first.clamp_max(length - 1)
         row = torch.arange(batch, device=prefix.device)
-        residual = (p[row, at] - q[row, at]).clamp_min(0)
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[row, at])
+        rest = residual(p[row, at], q[row, at])
         replace = rejected.any(1)
-        drafts[row[replace], at[replace]] = draw(residual[replace], v[row[replace], at[replace]])
+        drafts[row[replace], at[replace]] = draw(rest[replace], v[row[replace], at[replace]])
         settled = torch.where(replace, first + 1, first)
         redraft = positions >= settled[:, None]
         drafts = torch.where(redraft, couple(drafts, q, p, *pass_uniforms(u, d.passes)), drafts)
@@ -294,9 +289,13 @@ def couple(drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, keep: torch.T
     redraft afresh by inverse CDF agreed far less often (the measured passes are in
     BENCHMARKS.md)."""
     kept = keep * q.gather(-1, drafts[..., None]).squeeze(-1) < p.gather(-1, drafts[..., None]).squeeze(-1)
-    residual = (p - q).clamp_min(0)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
-    return torch.where(kept, drafts, draw(residual, fresh))
+    return torch.where(kept, drafts, draw(residual(p, q), fresh))
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """max(p - q, 0), what p has beyond q (draw normalises it); p itself where q covers it all."""
+    rest = (p - q).clamp_min(0)
+    return torch.where(rest.sum(-1, keepdim=True) > 0, rest, p)
 
 
 def pass_uniforms(u: torch.Tensor, counter: int) -> tuple[torch.Tensor, torch.Tensor]:
