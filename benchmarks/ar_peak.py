@@ -5,11 +5,12 @@ GFLOP/s against this machine's measured fp32 matmul peak, beside its speed-up ov
                                  [--decodes naive kv static jacobi] [--engines eager compile onnx]
                                  [--repeats 10]
 
-The peak: the best of a few timed 2048x2048 fp32 matrix products (torch.mm, all of
-torch's threads). A decode's arithmetic: the transformer's multiply-adds per token
-(2 x its linear layers' weights, the head included, plus attention over the cache),
-times tokens and rows (guidance doubles them); the naive decoder's recomputation is not
-counted as useful work, so its GFLOP/s is the same useful work over its longer time.
+The peak: genfast.peak's fp32 matrix-product probe (the fastest of a few timed products,
+all of torch's threads), what `genfast bench` holds its fp32 rows to. A decode's
+arithmetic: the transformer's multiply-adds per token (2 x its linear layers' weights,
+the head included, plus attention over the cache), times tokens and rows (guidance
+doubles them); the naive decoder's recomputation is not counted as useful work, so its
+GFLOP/s is the same useful work over its longer time.
 Speeds come from `genfast bench`'s code (interleaved timed calls, one run); every row's
 ratio is to eager naive at its batch size (the engines have no naive decode of their own);
 the pixel difference is to eager under the same strategy, on the same noise.
@@ -18,25 +19,12 @@ the pixel difference is to eager under the same strategy, on the same noise.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import genfast
-from genfast import bench, memory
-
-
-def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)  # warm-up
-    best = min(_seconds(lambda: torch.mm(a, b)) for _ in range(repeats))
-    return 2 * size**3 / best / 1e9
-
-
-def _seconds(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
+from genfast import bench, machine, memory
+from genfast import peak as peak_module
 
 
 def flops_per_token(net) -> float:
@@ -45,19 +33,6 @@ def flops_per_token(net) -> float:
     linear = sum(m.weight.numel() for m in net.modules() if isinstance(m, torch.nn.Linear))
     attention = 2 * net.layers * (net.prefix_tokens + net.sequence_length) * net.width
     return 2 * (linear + attention)
-
-
-def cpu() -> str:
-    flags = set()
-    model = "unknown CPU"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    shown = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
-    return f"{model} ({', '.join(shown)})"
 
 
 def main() -> None:
@@ -71,9 +46,9 @@ def main() -> None:
     memory.reuse_freed_memory()
     sampler = genfast.load(args.model)
     net = sampler.module.net
-    peak = matmul_peak_gflops()
+    peak = peak_module.measured().gflops["fp32 matmul"]
     per_image = flops_per_token(net) * net.sequence_length * (2 if sampler.module.options.cfg != 1.0 else 1)
-    print(f"{args.model} on {cpu()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"{args.model} on {machine.current().describe()}; "
           f"fp32 matmul peak {peak:.1f} GFLOP/s; {per_image / 1e6:.1f} MFLOP of useful work per image")
     rows = bench.measure(sampler, args.engines, args.batch_sizes, repeats=args.repeats, progress=False,
                          decodes=args.decodes)

@@ -7,9 +7,28 @@ import pytest
 from genfast.train import TrainOptions, train
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_decisions_kept_apart(tmp_path_factory):
+    """`--engine auto` (sample's and serve's default) caches its decisions: the tests keep theirs
+    in a file of their own, one for the session as a user's would be (subprocesses inherit it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GENFAST_AUTO_CACHE", str(tmp_path_factory.mktemp("auto") / "auto.json"))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def exports_kept_apart(tmp_path_factory):
+    """The onnx engine keeps its exports in the user's cache: the tests keep theirs apart."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GENFAST_EXPORTS", str(tmp_path_factory.mktemp("exports")))
+        yield
+
+
 def train_tiny(out, steps=6, conditional=False, **kwargs):
-    """A few steps of the tiny DCGAN on fake data; returns the checkpoint path."""
+    """A few steps of the tiny DCGAN on fake data; returns the checkpoint path. In fp32 unless
+    told: the same weights on every machine (auto would pick bf16 on one with AMX)."""
     options = TrainOptions(out=out, data="fake", steps=steps, seed=kwargs.pop("seed", 0), progress=False,
+                           precision=kwargs.pop("precision", "fp32"),
                            sample_every=kwargs.pop("sample_every", 1000),
                            checkpoint_every=kwargs.pop("checkpoint_every", 1000), **kwargs)
     return train("gan", options, preset="tiny", conditional=conditional)

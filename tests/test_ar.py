@@ -229,7 +229,7 @@ def test_sample_and_bench_commands_take_decoding_strategies(tiny_ar, tmp_path, c
     status, out, err = run(capsys, "bench", tiny_ar, "--engines", "eager", "fused", "--decode", "naive", "kv",
                            "jacobi", "--batch-sizes", 2, "--repeats", 2, "--json", tmp_path / "b.json", "-q")
     assert status == 0, err
-    rows = json.loads((tmp_path / "b.json").read_text())
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [(r["engine"], r["decode"]) for r in rows] == [
         ("eager", "naive"), ("eager", "kv"), ("eager", "jacobi"), ("fused", "naive"), ("fused", "kv"),
         ("fused", "jacobi")]
@@ -388,6 +388,43 @@ def test_the_onnx_step_draws_the_tokens_of_the_eager_one(tiny_ar, batch, cfg, te
         (1 + (cfg != 1.0)) * rows for rows in (batch, batch + 2))
     runtime = fast.module.wrap
     assert len(runtime.sessions) == 1  # one export (its sessions: one per thread count tried)
+
+
+def test_an_export_is_kept_for_the_next_process_and_remade_when_anything_changes(tiny_ar, tmp_path, monkeypatch):
+    """The exported step is kept in the cache folder: a second engine reads it back without
+    exporting (the same tokens); other weights are another file; a damaged file is exported
+    again with a one-line warning."""
+    from genfast import engines
+    from genfast.engines.onnx import _export_digest
+    from genfast.errors import GenfastWarning
+
+    monkeypatch.setenv("GENFAST_EXPORTS", str(tmp_path))
+    sampler = genfast.load(tiny_ar).with_decoding("static")
+    noise, labels = sampler.noise(2, 5), sampler.labels(2)
+    expected = sampler.module.tokens(noise, labels)
+    assert torch.equal(engines.apply(sampler, "onnx").module.tokens(noise, labels), expected)
+    [kept] = tmp_path.glob("*.onnx")
+
+    real_export = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("exported again"))
+    assert torch.equal(engines.apply(sampler, "onnx").module.tokens(noise, labels), expected)
+
+    step = sampler.module.static_step(2, sampler.module.options).exported()
+    digest = _export_digest(step)
+    weight = sampler.module.net.head.weight
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] += 1.0
+    assert _export_digest(step) != digest and kept.name == f"{digest}.onnx"
+    with torch.no_grad():
+        weight.copy_(original)
+
+    monkeypatch.setattr(torch.onnx, "export", real_export)
+    kept.write_bytes(b"not onnx")
+    with pytest.warns(GenfastWarning, match="is not a readable ONNX model; exporting again"):
+        fast = engines.apply(sampler, "onnx")
+        assert torch.equal(fast.module.tokens(noise, labels), expected)
+    assert kept.read_bytes() != b"not onnx"
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ def test_bench_writes_table_json_and_plot(tiny_cgan, tmp_path: Path, capsys, mon
                            "--batch-sizes", 2, 8, "--repeats", 3, "--json", tmp_path / "b.json",
                            "--plot", tmp_path / "b.png", "-q")
     assert status == 0, err
-    rows = json.loads((tmp_path / "b.json").read_text())
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [(r["engine"], r["batch_size"]) for r in rows] == [
         ("eager", 2), ("eager", 8), ("fused", 2), ("fused", 8), ("cudagraph-test", 2), ("cudagraph-test", 8)]
     for r in rows:

@@ -49,7 +49,7 @@ def test_profile_traces_every_engine_and_batch_and_names_their_top_operators(tin
     profiled = table(out, "top operators by self CPU time per call")
     assert [(cells[0], cells[1]) for cells in profiled] == [("eager", "2"), ("eager", "4"), ("fused", "2"),
                                                             ("fused", "4")]  # the skipped engine has no row
-    rows = {(r["engine"], r["batch_size"]): r for r in json.loads((tmp_path / "b.json").read_text())}
+    rows = {(r["engine"], r["batch_size"]): r for r in json.loads((tmp_path / "b.json").read_text())["rows"]}
     assert rows["cudagraph-test", 2]["trace"] is None and rows["cudagraph-test", 2]["top_operators"] is None
     for engine, batch, trace_name, *cells in profiled:
         events = trace_events(folder / trace_name)
@@ -75,7 +75,7 @@ def test_without_profile_there_are_no_traces(tiny_gan, tmp_path: Path, capsys):
                            "--json", tmp_path / "b.json", "-q")
     assert status == 0, err
     assert "top operators" not in out
-    (row,) = json.loads((tmp_path / "b.json").read_text())
+    (row,) = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert row["trace"] is None and row["top_operators"] is None
 
 

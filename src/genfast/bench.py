@@ -32,9 +32,12 @@ from pathlib import Path
 import torch
 
 from genfast import engines, images, memory, metrics
+from genfast.engines.compiled import bucket
 from genfast.errors import GenfastError
 from genfast.families.base import LoopNetwork, Sampler
 from genfast.fileio import atomic_path, ensure_dir, write_bytes, writing
+from genfast.machine import Machine
+from genfast.peak import Peak
 
 PROFILE_CALLS = 3  # warm calls in each trace: the steady state, in a file that opens quickly
 PROFILE_TOP = 5    # operators named per row of the profile table
@@ -59,6 +62,9 @@ class Row:
     speedup_vs_naive: float | None = None         # ar models: against naive decoding, same engine
     trace: str | None = None                      # --profile: the file of this row's torch.profiler trace
     top_operators: list[dict] | None = None       # --profile: {name, ms_per_call, share} by self time
+    gflops: float | None = None                   # achieved: the model's useful FLOPs per image x images/s
+    peak: str | None = None                       # the measured peak it is held to ("bf16 conv")
+    peak_fraction: float | None = None            # gflops / that peak
 
 
 def _named(label: str, device: torch.device):
@@ -149,20 +155,60 @@ def _passes(sampler: Sampler) -> int | None:
     return next((m.passes for m in sampler.module.modules() if isinstance(m, LoopNetwork)), None)
 
 
+@dataclass(frozen=True)
+class Work:
+    """What one image costs, counted once per model on the eager reference call."""
+
+    flops: float  # useful FLOPs per image
+    kind: str     # "conv" or "matmul": which of the two holds most of them (which peak applies)
+
+
+def useful_work(sampler: Sampler) -> Work:
+    """The FLOPs per image of the eager reference (torch.utils.flop_counter on a call of 2
+    images). For a model that decodes token by token, those of a KV-cache decode, whatever
+    strategy a row uses: the work an image needs, not what a strategy spends (naive decoding
+    recomputes every earlier token at each step; the rows' GFLOP/s then compare like with like)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if sampler.loops:
+        with contextlib.suppress(GenfastError):  # a model no KV decode fits (MaskGIT) counts its own
+            sampler = sampler.with_decoding(USEFUL_DECODE)
+    noise, labels = sampler.noise(2, 0), sampler.labels(2)
+    with FlopCounterMode(display=False) as counter:
+        sampler(noise, labels)
+    by_operator = counter.get_flop_counts().get("Global", {})
+    total = sum(by_operator.values())
+    conv = sum(count for operator, count in by_operator.items() if "conv" in str(operator))
+    return Work(total / 2, "conv" if conv * 2 >= total else "matmul")
+
+
+USEFUL_DECODE = "kv"  # the decode whose work counts as an ar image's useful work
+
+
+def computes_in(engine: str) -> str:
+    """The precision an engine stack's arithmetic runs in: the peak its rows are held to (a
+    step named after a precision, or a variant of one: int8-inductor)."""
+    steps = {step.split("-")[0] for step in engine.split("+")}
+    return next((dtype for dtype in ("int8", "fp16", "bf16") if dtype in steps), "fp32")
+
+
 def measure(sampler: Sampler, engine_names: list[str], batch_sizes: list[int], repeats: int = 20,
             warmup: int = 3, fid_n: int = 0, seed: int = 0, progress: bool = True,
-            decodes: list[str] | None = None, profile: Path | None = None) -> list[Row]:
+            decodes: list[str] | None = None, profile: Path | None = None, peak: Peak | None = None) -> list[Row]:
     """Rows in engine order (then decode), then batch size. The timed calls of all
     variants are interleaved (round robin), so a machine that speeds up or slows down
     during the run skews none. For an ar model, `decodes` are its decoding strategies;
     each engine's rows are compared with eager under the same strategy. With `profile`
-    (a folder), each row's trace is written there after its timed calls."""
+    (a folder), each row's trace is written there after its timed calls. Every row gets
+    its achieved GFLOP/s (useful_work), and with `peak` (genfast.peak.measure()) its
+    fraction of the peak in the precision it computes in."""
     if decodes and not sampler.loops:
         raise GenfastError("--decode applies to ar models, which decode token by token; this one makes an image "
                            "in one call")
     device = sampler.device
     if profile is not None:
         ensure_dir(profile)
+    work = useful_work(sampler)
     # The eager reference of each strategy (the sampler itself when there is none).
     references = {decode: sampler if decode is None else sampler.with_decoding(decode) for decode in decodes or [None]}
     variants = [(name, decode) for name in engine_names for decode in references]
@@ -197,11 +243,18 @@ def measure(sampler: Sampler, engine_names: list[str], batch_sizes: list[int], r
             for (name, decode), call in calls.items():
                 times[name, decode].append(_timed(call, device, _label(name, decode, batch)))
         for (name, decode), seconds in times.items():
+            fast = ready[name, decode][0]
             ordered = sorted(seconds)
             row = rows[name, decode, batch]
             row.median_ms = 1000 * statistics.median(ordered)
             row.p90_ms = 1000 * ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
             row.images_per_s = 1000 * batch / row.median_ms
+            row.gflops = work.flops * row.images_per_s / 1e9
+            # auto (engines/auto.py) records the stack it chose for each batch bucket: that one computes.
+            stack = fast.info.get("auto", {}).get(bucket(batch), name)
+            if peak is not None and (held_to := peak.of(computes_in(stack), work.kind)) is not None:
+                row.peak, peak_gflops = held_to
+                row.peak_fraction = row.gflops / peak_gflops
         for name, decode in ready:
             row = rows[name, decode, batch]
             if ("eager", decode) in ready:
@@ -227,13 +280,15 @@ def markdown(rows: list[Row]) -> str:
 
     decoding = any(r.decode for r in rows)  # ar models: decode, passes and the ratio to naive too
     lines = ["| engine | " + ("decode | " if decoding else "") + "batch | status | one-off s | median ms | p90 ms | "
-             "images/s | vs eager | " + ("passes | vs naive | " if decoding else "") + "peak MB | max diff | FID |",
-             "| --- | " + ("--- | " if decoding else "") + "---: | --- | ---: | ---: | ---: | ---: | ---: | "
+             "images/s | vs eager | GFLOP/s | of peak | " + ("passes | vs naive | " if decoding else "")
+             + "peak MB | max diff | FID |",
+             "| --- | " + ("--- | " if decoding else "") + "---: | --- | " + "---: | " * 7
              + ("---: | ---: | " if decoding else "") + "---: | ---: | ---: |"]
     for r in rows:
         cells = [r.engine, *([r.decode] if decoding else []), str(r.batch_size), r.status, fmt(r.one_off_s, ".2f"),
                  fmt(r.median_ms, ".3f"), fmt(r.p90_ms, ".3f"), fmt(r.images_per_s, ",.0f"),
-                 fmt(r.speedup_vs_eager, ".2f") + ("x" if r.speedup_vs_eager else ""),
+                 fmt(r.speedup_vs_eager, ".2f") + ("x" if r.speedup_vs_eager else ""), fmt(r.gflops, ",.3g"),
+                 "-" if r.peak_fraction is None else f"{r.peak_fraction:.1%} {r.peak}",
                  *([fmt(r.forward_passes_per_image, "d"), fmt(r.speedup_vs_naive, ".2f")] if decoding else []),
                  fmt(r.peak_memory_mb, ".1f"), fmt(r.max_abs_diff, ".1e"), fmt(r.fid, ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -257,9 +312,18 @@ def profile_markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_json(rows: list[Row], path: Path) -> None:
+def header(model: str, machine: Machine, peak: Peak | None) -> str:
+    """What the table was measured on: the model, the machine (CPU model, ISA flags, threads,
+    torch, the GPU), and its measured peak."""
+    return f"{model} on {machine.describe()}" + ("" if peak is None else f"\n{peak.line()}")
+
+
+def write_json(rows: list[Row], path: Path, machine: Machine | None = None, peak: Peak | None = None) -> None:
+    """{"machine": ..., "peak": ..., "rows": [...]}: the rows with what they were measured on."""
     images.writable_target(path)
-    write_bytes(path, (json.dumps([asdict(r) for r in rows], indent=2) + "\n").encode())
+    document = {"machine": None if machine is None else asdict(machine) | {"describe": machine.describe()},
+                "peak": None if peak is None else asdict(peak), "rows": [asdict(r) for r in rows]}
+    write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())
 
 
 def plot(rows: list[Row], path: Path, title: str) -> None:

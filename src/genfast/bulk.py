@@ -18,6 +18,11 @@ images whatever N is, so the folder's images do not depend on N (byte-for-byte, 
 same hardware and thread count: the .npz files carry no time stamps). A killed job run
 again with the same options, at any N, checks the finished shards' checksums, keeps
 them, and makes only the rest: no gap, no duplicate. Another job's folder is refused.
+
+`--engine auto` (the default) is decided once, by process 0, for the images still to
+make, and written into the manifest (`engine_stack`), where the other processes
+read it: they neither decide again nor disagree. A resumed job keeps the stack its first
+shards were made with, whatever the cache says now, so that all its shards match.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import math
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +41,9 @@ from tqdm import tqdm
 
 from genfast import checkpoint, distributed, engines, images, pretrained
 from genfast.devices import resolve_device
+from genfast.engines import auto
 from genfast.errors import GenfastError
+from genfast.families.base import Sampler
 from genfast.fileio import atomic_path, ensure_dir, write_bytes, writing
 
 FORMATS = ("png", "npz")
@@ -58,31 +66,38 @@ def job(model: str, n: int, seed: int = 0, class_index: int | None = None, promp
 
 
 def generate(spec: dict, out: Path, batch_size: int = 256, device: str = "cpu", progress: bool = True,
-             condition: torch.Tensor | None = None) -> tuple[int, int]:
+             condition: torch.Tensor | None = None, say: Callable[[str], None] | None = None) -> tuple[int, int]:
     """Make the images of `spec` (see `job`) that `out` lacks, this process's share of
     them; returns (images this process wrote, images already there when it started).
-    `condition`: one prompt embedding for every image (ar-text)."""
+    `condition`: one prompt embedding for every image (ar-text); `say`: where process 0
+    tells which stack `auto` runs (one line)."""
     here = distributed.world()
     where = distributed.device_of(resolve_device(device), here)
     with distributed.joined(where):
-        return _generate(spec, Path(out), batch_size, where, progress, condition, here)
+        return _generate(spec, Path(out), batch_size, where, progress, condition, here, say or (lambda line: None))
 
 
 def _generate(spec: dict, out: Path, batch_size: int, device: torch.device, progress: bool,
-              condition: torch.Tensor | None, here: distributed.World) -> tuple[int, int]:
-    # The model first: a wrong setting, or shards too large to hold, is refused before the folder is touched.
-    sampler = engines.apply(pretrained.load(spec["model"], device=device, **spec["settings"]), spec["engine"])
-    shard_bytes = min(spec["shard_size"], spec["n"]) * math.prod(sampler.image_shape)  # held whole until written
+              condition: torch.Tensor | None, here: distributed.World, say: Callable[[str], None]) -> tuple[int, int]:
+    # The model first: a wrong setting, an engine that cannot run here, or shards too large to
+    # hold, is refused before the folder is touched (auto's stack is chosen with the folder in view).
+    plain = pretrained.load(spec["model"], device=device, **spec["settings"])
+    sampler = None if spec["engine"] == "auto" else engines.apply(plain, spec["engine"])
+    shard_bytes = min(spec["shard_size"], spec["n"]) * math.prod(plain.image_shape)  # held whole until written
     if shard_bytes > MAX_SHARD_BYTES:
         raise GenfastError(f"--shard-size {spec['shard_size']:,} makes shards of {shard_bytes / 2**20:,.0f} MiB, "
                            f"held in memory while they are made; choose at most "
-                           f"{MAX_SHARD_BYTES // math.prod(sampler.image_shape):,}")
+                           f"{MAX_SHARD_BYTES // math.prod(plain.image_shape):,}")
     _check_folder(out, spec)  # every process reads and refuses alike: none is left waiting
     _keep_intact(out, spec, here)
     distributed.barrier()
-    if here.main:  # the bare job until the run completes
-        write_bytes(out / MANIFEST, _json(spec))
+    if here.main:  # the bare job, with the stack it runs, until the run completes
+        stack, decided = _engine_stack(out, spec, plain, batch_size, say)
+        sampler = sampler or decided
+        write_bytes(out / MANIFEST, _json(spec | {"engine_stack": stack}))
     distributed.barrier()
+    stack = _readable((out / MANIFEST).read_text)["engine_stack"]
+    sampler = sampler or engines.apply(plain, stack)
     finished = _recorded(out, spec)
     distributed.barrier()  # every process has its list before any writes
     # This process's shards, rank, rank + N, ...: a range, walked lazily, so that neither
@@ -101,11 +116,34 @@ def _generate(spec: dict, out: Path, batch_size: int, device: torch.device, prog
     distributed.barrier()  # every shard is written (a process that failed has ended the job)
     if here.main:
         records = _recorded(out, spec)
-        write_bytes(out / MANIFEST, _json(spec | {"complete": True,
+        write_bytes(out / MANIFEST, _json(spec | {"engine_stack": stack, "complete": True,
                                                   "images": sum(r["count"] for r in records.values()),
                                                   "shards": [records[k] for k in sorted(records)]}))
         shutil.rmtree(out / RECORDS, ignore_errors=True)  # the manifest now holds every record
     return written, already
+
+
+def _engine_stack(out: Path, spec: dict, plain: Sampler, batch_size: int,
+                  say: Callable[[str], None]) -> tuple[str, Sampler | None]:
+    """The stack the job runs: the one asked for; for auto, the one the folder's first shards
+    were made with, else auto's choice for the images still to make (then also that stack,
+    built while deciding: no second build). Decided for all of them, not a process's share,
+    so that the number of processes does not change the choice."""
+    if spec["engine"] != "auto":
+        return spec["engine"], None
+    saved = _readable((out / MANIFEST).read_text)  # this job's, if any (_check_folder)
+    if isinstance(saved, dict) and "engine_stack" in saved:
+        stack = saved["engine_stack"]
+        if not isinstance(stack, str) or any(name not in engines.ENGINES for name in stack.split("+")):
+            raise GenfastError(f"{out / MANIFEST} names the engine stack {str(stack)[:60]!r}, which is not one; "
+                               f"delete the manifest to make the folder's images again, or choose another folder")
+        say(f"auto: {stack} (the stack {out}'s first images were made with; a resumed job keeps it)")
+        return stack, None
+    left = spec["n"] - sum(record["count"] for record in _recorded(out, spec).values())
+    fast, choice = auto.resolve(plain, min(batch_size, spec["shard_size"], spec["n"]), engines.apply,
+                                n=left, settings=spec["settings"])
+    say(choice.line())
+    return choice.engine, fast
 
 
 def _shard_count(spec: dict) -> int:

@@ -12,16 +12,17 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
-
 from genfast import bench, bulk, checkpoint, data, distributed, engines, images, memory, metrics, pretrained, seeding
 from genfast.devices import resolve_device
+from genfast.engines import auto
 from genfast.engines.onnx import export
 from genfast.errors import GenfastError, GenfastWarning
 from genfast.families import FAMILIES, get_family
 from genfast.families.ar import DECODERS
 from genfast.fileio import write_bytes
-from genfast.train import CHECKPOINT_NAME, LOG_TARGETS, TrainOptions, train
+from genfast.machine import current as current_machine
+from genfast.peak import measured as measured_peak
+from genfast.train import CHECKPOINT_NAME, LOG_TARGETS, PRECISIONS, TrainOptions, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,10 +58,14 @@ def _positive(text: str) -> int:
 
 def _engine(text: str) -> str:
     """An engine name, or names joined by "+" (checked here, before any work)."""
-    unknown = [name for name in text.split("+") if name not in engines.ENGINES]
+    names = text.split("+")
+    unknown = [name for name in names if name not in engines.ENGINES]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown engine '{unknown[0]}'; choose from {', '.join(engines.ENGINES)}"
                                          " or join them with +")
+    if "auto" in names and len(names) > 1:
+        raise argparse.ArgumentTypeError(f"'auto' chooses the whole stack itself: give --engine auto alone, not "
+                                         f"'{text}'")
     return text
 
 
@@ -109,6 +114,29 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"checkpoint: {path}")
 
 
+def _say(line: str) -> None:
+    """A note for the person at the terminal (auto's choice), on stderr: stdout stays the command's result."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def _note(args: argparse.Namespace):
+    """Where a command's notes go: stderr, or nowhere under --quiet."""
+    return (lambda line: None) if args.quiet else _say
+
+
+def _sampling_settings(args: argparse.Namespace) -> dict:
+    return {"decode": args.decode, "cfg": args.cfg}
+
+
+def _with_engine(sampler, args: argparse.Namespace, batch_size: int, n: int):
+    """`sampler` through --engine; auto decides for this job (its batch size and n) and says what it chose."""
+    if args.engine != "auto":
+        return engines.apply(sampler, args.engine)
+    fast, choice = auto.resolve(sampler, batch_size, engines.apply, n=n, settings=_sampling_settings(args))
+    _note(args)(choice.line())
+    return fast
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     out: Path = images.check_name(args.out)
     as_folder = out.is_dir() or not out.suffix
@@ -129,7 +157,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise GenfastError("several processes and --format npz write into a folder: give --out a folder")
     if _launched(args):
         return
-    settings = {"decode": args.decode, "cfg": args.cfg}
+    settings = _sampling_settings(args)
     # A wrong name or setting fails before anything is written (even a folder).
     if args.reconstruct:
         checkpoint.resolve(args.model)
@@ -145,7 +173,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         nrow = 10
         what = f"{args.n} test images (odd rows) and their reconstructions (even rows)"
     elif args.interpolate:
-        fast = engines.apply(sampler, args.engine)
+        fast = _with_engine(sampler, args, min(args.batch_size, args.n * args.steps), args.n * args.steps)
         grid = fast.interpolate(args.n, args.steps, args.seed, class_index, args.batch_size)
         nrow = args.steps
         what = f"{args.n} walks of {args.steps} steps between pairs of samples"
@@ -153,7 +181,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         spec = bulk.job(args.model, args.n, args.seed, class_index, args.prompt, settings, args.engine, args.format,
                         args.shard_size)
         written, already = bulk.generate(spec, out, args.batch_size, args.device, progress=not args.quiet,
-                                         condition=condition)
+                                         condition=condition, say=_note(args))
         if distributed.world().main:
             kept = f" ({already} were already there)" if already else ""
             print(f"wrote {written} images to {out}/ ({args.format}, manifest {out / bulk.MANIFEST}){kept}"
@@ -162,7 +190,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
                   f"manifest {out / bulk.MANIFEST}){kept}")
         return
     else:
-        fast = engines.apply(sampler, args.engine)  # bulk output applies it in each worker instead
+        fast = _with_engine(sampler, args, min(args.batch_size, args.n), args.n)  # bulk output: in each worker
         grid = fast.generate(args.n, args.seed, class_index, args.batch_size, progress=not args.quiet,
                              condition=condition)
         nrow = sampler.num_classes if sampler.conditional and class_index is None and condition is None \
@@ -234,10 +262,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if path is not None:
             images.writable_target(path)
     sampler = pretrained.load(args.model, device=args.device)
+    here, peak = current_machine(sampler.device), measured_peak(sampler.device)  # probed before the engines run
     rows = bench.measure(sampler, args.engines, args.batch_sizes, repeats=args.repeats, fid_n=args.fid_n,
-                         seed=args.seed, progress=not args.quiet, decodes=args.decode, profile=args.profile)
-    print(f"{args.model} on {resolve_device(args.device)}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+                         seed=args.seed, progress=not args.quiet, decodes=args.decode, profile=args.profile,
+                         peak=peak)
+    print(bench.header(args.model, here, peak))
     print(bench.markdown(rows))
     if args.profile:
         print(f"\ntop operators by self {'CUDA' if sampler.device.type == 'cuda' else 'CPU'} time per call "
@@ -245,11 +274,26 @@ def cmd_bench(args: argparse.Namespace) -> None:
               f"chrome://tracing or TensorBoard's profiler plugin)")
         print(bench.profile_markdown(rows))
     if args.json:
-        bench.write_json(rows, args.json)
+        bench.write_json(rows, args.json, here, peak)
         print(f"wrote {args.json}")
     if args.plot:
         bench.plot(rows, args.plot, f"{args.model} on {resolve_device(args.device)}")
         print(f"wrote {args.plot}")
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    """auto's decision made now, at each batch size, with every candidate's trial shown."""
+    if not args.budget > 0:  # written so, NaN fails too
+        raise GenfastError(f"--budget must be more than 0 seconds, got {args.budget:g}")
+    sampler = pretrained.load(args.model, device=args.device, **_sampling_settings(args))
+    for batch in args.batch_sizes:
+        _, choice = auto.resolve(sampler, batch, engines.apply, settings=_sampling_settings(args),
+                                 budget_s=args.budget, check_fid=args.check_fid, fresh=True)
+        decision = choice.decision
+        print(f"{args.model}, batch {batch} (measured at {decision.batch}, its bucket), on "
+              f"{decision.about['machine']}:")
+        print(auto.table(decision))
+        print(choice.line() + "\n")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -338,7 +382,7 @@ def _device(default: str):
 
 
 def _quiet(p):
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, and no notes (auto's choice)")
 
 
 def _seed_option(p):
@@ -349,9 +393,13 @@ def _model(p):
     p.add_argument("model", help="checkpoint path or shipped model name (see 'genfast models')")
 
 
-def _engine_option(p):
-    p.add_argument("--engine", type=_engine, default="eager",
-                   help="how to run the model: one of " + ", ".join(engines.ENGINES) + ", or several joined by +")
+def _engine_option(default: str):
+    def add(p):
+        p.add_argument("--engine", type=_engine, default=default,
+                       help="how to run the model: one of " + ", ".join(engines.ENGINES) + ", or several joined by + "
+                            f"(default {default}; auto: the fastest stack that keeps the images, measured here: "
+                            "see 'genfast tune')")
+    return add
 
 
 def _decoding(p):
@@ -375,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     # differs (train's --device) gets its own parent rather than set_defaults on a shared one.
     run_options = _options(_device("cpu"), _quiet)              # every command that computes
     model_options = _options(_model, _seed_option)              # every command about one model
-    sampling = _options(_engine_option, _decoding)              # how a model's images are made
+    sampling = _options(_decoding)                              # how a model's images are made
 
     p = commands.add_parser("train", help="train a model", parents=[_options(_device("auto"), _quiet)])
     p.add_argument("family", choices=sorted(FAMILIES), help="model family")
@@ -392,7 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out (learning rates may change)")
     p.add_argument("--preset", default="default", help="named hyperparameter preset")
     p.add_argument("--config", type=Path, help="TOML file of config values")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="default fp32; --resume keeps the run's")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="auto (default): bf16 autocast where a short probe shows it faster on this device, else "
+                        "fp32; --resume keeps the run's unless told fp32 or bf16")
     p.add_argument("--sample-every", type=_positive, default=500, help="steps between sample grids")
     p.add_argument("--checkpoint-every", type=_positive, default=500, help="steps between checkpoints")
     p.add_argument("--log-every", type=_positive, default=10, help="steps between logged scalars")
@@ -404,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_train)
 
     p = commands.add_parser("sample", help="generate images from a checkpoint or a shipped model",
-                            parents=[model_options, run_options, sampling])
+                            parents=[model_options, run_options, sampling, _options(_engine_option("auto"))])
     p.add_argument("-n", type=_positive, default=64, help="number of images")
     p.add_argument("--out", type=Path, required=True, help="grid.png, or a folder for one PNG per image")
     p.add_argument("--class", help="class index or name (conditional models)")
@@ -424,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_sample)
 
     p = commands.add_parser("eval", help="FID, KID and class accuracy of a model against the test split",
-                            parents=[model_options, run_options, sampling])
+                            parents=[model_options, run_options, sampling, _options(_engine_option("eager"))])
     p.add_argument("-n", type=_positive, default=10_000, help="number of generated images (default 10000)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     p.add_argument("--classifier", help="feature network (default: the shipped classifier of the data set)")
@@ -449,6 +499,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "and print the top operators by self time")
     p.set_defaults(run=cmd_bench)
 
+    p = commands.add_parser("tune", help="decide now which engine stack --engine auto runs, and show every candidate",
+                            parents=[_options(_model), run_options, sampling])
+    p.add_argument("--batch-sizes", nargs="+", type=_positive, default=[64, 256],
+                   help="batch sizes to decide for (default 64 256: sample's and serve's, and bulk output's); each "
+                        "decision holds for its power-of-two bucket")
+    p.add_argument("--budget", type=float, default=120.0,
+                   help="seconds each decision may take (default 120); stacks not started by then are left untried")
+    p.add_argument("--check-fid", type=_positive, metavar="N", default=0,
+                   help="also keep only stacks whose FID over N images is within 2%% of eager's (slow; 10000 usual)")
+    p.set_defaults(run=cmd_tune)
+
     p = commands.add_parser("export", help="write a model's sampler network as ONNX (dynamic batch)",
                             parents=[_options(_model)])
     p.add_argument("--format", default="onnx", choices=["onnx"])
@@ -456,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_export)
 
     p = commands.add_parser("serve", help="an HTTP service (and a web page) that generates images on request",
-                            parents=[_options(_device("cpu"), _engine_option, _decoding)])
+                            parents=[_options(_device("cpu"), _engine_option("auto"), _decoding)])
     p.add_argument("models", nargs="+", help="shipped model names or checkpoint paths, loaded at start-up")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)

@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from genfast.errors import GenfastError
-from genfast.fileio import atomic_path, ensure_dir, write_bytes
+from genfast.fileio import atomic_path, ensure_dir, user_cache, write_bytes
 
 SPLITS = ("train", "test")
 # The official file names, per split: (images, labels).
@@ -233,7 +233,7 @@ def cache_dir() -> Path:
     """$GENFAST_DATA if set, else $XDG_CACHE_HOME/genfast/data, else ~/.cache/genfast/data."""
     if env := os.environ.get("GENFAST_DATA"):
         return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genfast" / "data"
+    return user_cache() / "data"
 
 
 def data_dirs() -> list[Path]:

@@ -63,6 +63,12 @@ def ensure_dir(folder: Path) -> Path:
     return Path(folder)
 
 
+def user_cache() -> Path:
+    """genfast's folder in the user's cache: $XDG_CACHE_HOME/genfast, else ~/.cache/genfast
+    (data sets, engine decisions and ONNX exports each keep a folder or file in it)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genfast"
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     with writing(path), atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -51,7 +51,7 @@ def current(device: torch.device | None = None) -> Machine:
     gpu = None
     if device is not None and device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
-    return Machine(model, flags, torch.get_num_threads(), gpu, torch.__version__, _version("onnxruntime"))
+    return Machine(model, flags, torch.get_num_threads(), gpu, torch.__version__, version("onnxruntime"))
 
 
 @functools.cache
@@ -75,7 +75,8 @@ def _cpu() -> tuple[str, tuple[str, ...]]:
     return model, tuple(flag for flag in ISA_FLAGS if flag in found)
 
 
-def _version(package: str) -> str | None:
+def version(package: str) -> str | None:
+    """An installed package's version, or None when it is not installed."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:

@@ -27,6 +27,11 @@ Limits: `n` at most `max_n`; at most `max_queue` passes' worth of images (`max_q
 malformed field is a 422 (400 on the OpenAI route) that names it, with at most a short,
 escaped excerpt of what was sent. /metrics serves Prometheus counters of requests, images,
 batch sizes, queue depth and latency.
+
+The engine `auto` (the default of `genfast serve`) is decided at start-up, per model, for
+passes of `max_batch` images and a job without end (the fastest stack per image, its one-off
+cost aside), with the thread count the passes run with; each model's choice is one line on
+stderr, and /v1/models names the stack it runs.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import math
 import reprlib
 import secrets
 import socket
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -58,6 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 
 from genfast import checkpoint, engines, images, pretrained
+from genfast.engines import auto
 from genfast.errors import GenfastError
 from genfast.families import get_family
 from genfast.families.base import Sampler
@@ -66,7 +73,7 @@ from genfast.seeding import MAX_SEED
 
 @dataclass
 class ServeOptions:
-    engine: str = "eager"
+    engine: str = "eager"      # the command's default is auto; here the caller says what it wants
     device: str = "cpu"
     max_batch: int = 64        # images in one forward pass
     # How long the first request of a pass waits for others (0: a pass takes what queued during the last one).
@@ -402,7 +409,7 @@ def create_app(models: list[str], options: ServeOptions | None = None) -> FastAP
         takes = get_family(checkpoint.read_header(model)["family"]).sampling_keys
         plain = pretrained.load(model, device=options.device,
                                 **{name: value for name, value in settings.items() if name in takes})
-        batchers[key] = Batcher(key, engines.apply(plain, options.engine), plain, options, metrics)
+        batchers[key] = Batcher(key, _with_engine(key, plain, options, settings), plain, options, metrics)
     if settings and not any(batcher.plain.loops for batcher in batchers.values()):
         raise GenfastError(f"--{' and --'.join(settings)} apply to ar models, which decode token by token; "
                            f"none of these models is one")
@@ -451,7 +458,7 @@ def create_app(models: list[str], options: ServeOptions | None = None) -> FastAP
         sampler = batcher.plain
         return {"name": batcher.name, "family": sampler.info.get("family"), "dataset": sampler.info.get("dataset"),
                 "classes": list(sampler.class_names), "text": sampler.takes_prompts,
-                "image_shape": list(sampler.image_shape), "engine": options.engine}
+                "image_shape": list(sampler.image_shape), "engine": batcher.sampler.info["engine"]}
 
     def unknown_model(name: str) -> str:
         return f"unknown model {_excerpt(name)}; this server has: {', '.join(batchers)}"
@@ -704,6 +711,15 @@ def _encode(pixels: torch.Tensor, body: GenerateRequest, sampler: Sampler, seed:
                         headers=headers)
 
 
+def _with_engine(key: str, plain: Sampler, options: ServeOptions, settings: dict) -> Sampler:
+    """A model through the server's engine; auto decides for passes of max_batch images, without end."""
+    if options.engine != "auto":
+        return engines.apply(plain, options.engine)
+    fast, choice = auto.resolve(plain, options.max_batch, engines.apply, settings=settings)
+    print(f"{key}: {choice.line()}", file=sys.stderr, flush=True)
+    return fast
+
+
 def _base64_pngs(pixels: torch.Tensor) -> list[str]:
     """uint8 (N, C, H, W) -> one base64 PNG per image, the bytes `genfast sample` writes
     into a folder (images.png_bytes either way)."""
@@ -715,12 +731,13 @@ def serve(models: list[str], options: ServeOptions, host: str = "127.0.0.1", por
 
     if not 1 <= port <= 65535:
         raise GenfastError(f"--port must be in 1..65535, got {port}")
-    app = create_app(models, options)
-    if options.threads is not None:
+    if options.threads is not None:  # before the models load: auto decides with the threads the passes get
         torch.set_num_threads(options.threads)
     # The socket is bound here, not by uvicorn, which logs a refused bind and exits: a port in
-    # use is one line, and the socket that serves is the one that was checked (no race).
+    # use is one line, and the socket that serves is the one that was checked (no race). It is
+    # bound first, so that a port in use is said at once, not after the models load and auto decides.
     with _listen(host, port) as listening:
+        app = create_app(models, options)
         print(f"serving {', '.join(model_key(m) for m in models)} on http://{host}:{port}/ "
               f"(engine {options.engine}, batches of up to {options.max_batch} images, "
               f"{'waiting ' + format(options.max_wait_ms, 'g') + ' ms' if options.batching else 'batching off'})",

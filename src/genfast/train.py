@@ -29,9 +29,13 @@ restored state) and a loop that reads top to bottom (`_loop`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import math
 import os
 import signal
+import statistics
+import sys
 import threading
 import time
 import uuid
@@ -67,7 +71,8 @@ class TrainOptions:
     seed: int | None = None        # default 0; a resumed run keeps its own
     resume: bool = False
     device: str = "auto"           # auto | cpu | cuda | cuda:N
-    precision: str | None = None   # fp32 (default) | bf16 autocast; a resumed run keeps its own unless told
+    precision: str | None = None   # auto (default: by probe_precision) | fp32 | bf16 autocast; a resumed run
+    #                                keeps its own unless told fp32 or bf16
     sample_every: int = 500        # steps between sample grids (and at the end)
     checkpoint_every: int = 500    # steps between checkpoints (and at the end, and on Ctrl-C)
     log_every: int = 10            # steps between logged scalars
@@ -286,12 +291,57 @@ class _Logs:
             raise errors[0]
 
 
+PRECISIONS = ("auto", "fp32", "bf16")  # what --precision takes; auto resolves to one of the others
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise GenfastError(f"unknown precision '{precision}'; use fp32 or bf16")
+    raise GenfastError(f"unknown precision '{precision}'; use {', '.join(PRECISIONS)}")
+
+
+PRECISION_MARGIN = 1.1  # bf16 must beat fp32 by this much: autocast's casts cost what a near tie gains
+PROBE_ROUNDS = 3        # timed rounds of the probe step in each precision, after one warm-up
+
+
+@functools.cache
+def probe_precision(device: torch.device, threads: int) -> tuple[str, str]:
+    """(bf16 or fp32, one line saying why): the precision `--precision auto` trains in here.
+
+    A miniature training step, the two kinds of work genfast's networks do (a linear layer
+    and a 3x3 convolution, forward and backward) is timed under bf16 autocast and in fp32,
+    interleaved; bf16 is kept where it is PRECISION_MARGIN faster. Measured, not assumed
+    from the CPU's flags (DESIGN.md, principle 7): on the AVX2-only AMD EPYC VM bf16 ran it
+    at ~0.1x fp32's speed; AVX-512 bf16 / AMX CPUs and GPUs run it faster. Once per
+    process, device and thread count (`threads`: the cache key; the probe runs at torch's)."""
+    scale = 8 if device.type == "cuda" else 1  # a GPU needs more work per call than its launch overhead
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(512, 512).to(device)
+    conv = nn.Conv2d(32, 32, 3, padding=1).to(device)
+    rows = torch.randn(256 * scale, 512, generator=generator).to(device)
+    planes = torch.randn(8 * scale, 32, 16, 16, generator=generator).to(device)
+
+    def step(precision: str) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        with _autocast(device, precision):
+            loss = linear(rows).square().mean() + conv(planes).square().mean()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - begin
+
+    seconds: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(PROBE_ROUNDS + 1):  # the first round warms up and is dropped
+        for precision, times in seconds.items():
+            times.append(step(precision))
+    ratio = statistics.median(seconds["fp32"][1:]) / statistics.median(seconds["bf16"][1:])
+    chosen = "bf16" if ratio >= PRECISION_MARGIN else "fp32"
+    return chosen, (f"precision auto: {chosen} (a probe training step under bf16 autocast ran at {ratio:.2f}x "
+                    f"fp32's speed on {device}; bf16 needs {PRECISION_MARGIN}x)")
 
 
 @contextlib.contextmanager
@@ -333,13 +383,14 @@ class RunPlan:
     config: Any                  # complete but for what family.prepare adds to a new run
     train_set: data.ImageSet
     seed: int
-    precision: str               # fp32 | bf16
+    precision: str               # fp32 | bf16 (auto resolved)
     start: int                   # the step it continues from (0 for a new run)
     total: int                   # the step it ends at
     steps_per_epoch: int
     local_batch: int             # each process's share of the global batch
     saved: checkpoint.Checkpoint | None
     dataset_info: dict[str, Any]  # what the checkpoint says about the data
+    precision_note: str | None = None  # --precision auto: the probe's one line (None when told or resumed)
 
     @property
     def data_name(self) -> str:
@@ -347,21 +398,26 @@ class RunPlan:
 
 
 def plan_run(family: Family, options: TrainOptions, asked: dict[str, Any], saved: checkpoint.Checkpoint | None,
-             world_size: int = 1, device: torch.device = CPU, load_data=data.load) -> RunPlan:
+             world_size: int = 1, device: torch.device = CPU, load_data=data.load,
+             probe=None) -> RunPlan:
     """The run that `options` and the config values `asked` (preset, TOML, key=value) make,
     continuing `saved` when resuming; any rule broken is one GenfastError saying what to do.
-    `load_data(name, split, image_size=, channels=)` gives the training split."""
+    `load_data(name, split, image_size=, channels=)` gives the training split; `probe(device,
+    threads)` (default probe_precision) the precision a new run asked for auto trains in,
+    once every rule has passed."""
     if saved is not None:
         _check_resumable(family, options, saved)
     data_name = saved.dataset["name"] if saved else options.data or DEFAULT_DATA
     seed = saved.extra.get("seed", 0) if saved else 0 if options.seed is None else options.seed
-    precision = options.precision or (saved.extra.get("precision", "fp32") if saved else "fp32")
+    auto = options.precision in (None, "auto")
+    precision = (saved.extra.get("precision", "fp32") if saved else "auto") if auto else options.precision
     if saved is not None and not (type(saved.step) is int and saved.step >= 0 and isinstance(precision, str)
                                   and type(saved.extra.get("total_steps", 0)) is int):
         raise GenfastError(f"{options.checkpoint_path} has a damaged header (its step, total_steps or "
                            f"precision); it cannot be resumed")
     seeding.check_seed(seed)
-    _autocast(CPU, precision)  # an unknown precision is refused here
+    if precision != "auto":
+        _autocast(CPU, precision)  # an unknown precision is refused here
     check_log_targets(options.log)
 
     config = _config_for_run(family, asked, saved)
@@ -396,8 +452,11 @@ def plan_run(family: Family, options: TrainOptions, asked: dict[str, Any], saved
     dataset_info = {"name": data_name, "class_names": list(train_set.class_names),
                     "image_shape": list(train_set.image_shape), "train_size": len(train_set),
                     "source": train_set.source}
+    note = None
+    if precision == "auto":
+        precision, note = (probe or probe_precision)(device, torch.get_num_threads())
     return RunPlan(family, config, train_set, seed, precision, start, total, steps_per_epoch,
-                   config.batch_size // world_size, saved, dataset_info)
+                   config.batch_size // world_size, saved, dataset_info, note)
 
 
 def _check_resumable(family: Family, options: TrainOptions, saved: checkpoint.Checkpoint) -> None:
@@ -464,8 +523,18 @@ def train(family_name: str, options: TrainOptions, preset: str = "default", toml
         asked = configlib.layered_values(family.presets, preset, toml_path, pairs)
         if conditional:
             asked["conditional"] = True
-        plan = plan_run(family, options, asked, read_saved(options), here.size, device)
+        plan = _agreed_precision(plan_run(family, options, asked, read_saved(options), here.size, device), device)
         return _loop(plan, options, device, here)
+
+
+def _agreed_precision(plan: RunPlan, device: torch.device) -> RunPlan:
+    """Every process trains in rank 0's precision: each probed its own, and timings on a
+    shared machine could differ across a margin."""
+    if plan.precision_note is None:
+        return plan
+    bf16 = distributed.sum_over_ranks(torch.tensor([float(plan.precision == "bf16" and distributed.world().main)],
+                                                   device=device))
+    return dataclasses.replace(plan, precision="bf16" if bf16.item() > 0 else "fp32")
 
 
 @dataclass
@@ -504,7 +573,11 @@ class _Outputs:
         self.plan, self.setup, self.out = plan, setup, Path(options.out)
         self.path = options.checkpoint_path
         self.info = {"seed": plan.seed, "total_steps": plan.total, "steps_per_epoch": plan.steps_per_epoch,
-                     "precision": plan.precision, "device": str(device), "processes": here.size,
+                     "precision": plan.precision,
+                     # how auto chose it: this session's probe, or the one of the run it continues
+                     "precision_probe": plan.precision_note or (plan.saved.extra.get("precision_probe")
+                                                                if plan.saved else None),
+                     "device": str(device), "processes": here.size,
                      "model_name": plan.family.model_name(setup.config)}
         self.class_names = plan.train_set.class_names if setup.config.conditional else ()
         self.test_split: data.ImageSet | None = None  # loaded at the first evaluation only
@@ -545,6 +618,8 @@ class _Outputs:
 
 
 def _loop(plan: RunPlan, options: TrainOptions, device: torch.device, here: distributed.World) -> Path:
+    if plan.precision_note and here.main:
+        print(plan.precision_note, file=sys.stderr, flush=True)  # the one line: what auto chose, and why
     setup = _set_up(plan, options, device)
     family, config = plan.family, setup.config
     outputs = _Outputs(plan, setup, options, device, here)

@@ -29,11 +29,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from genfast.engines import auto
+from genfast.engines.auto import TOLERANCES, Tolerance, tolerance  # noqa: F401 (each engine's, for its tests)
 from genfast.engines.compiled import Bucketed
 from genfast.engines.cudagraph import GraphReplay, require_cuda
 from genfast.engines.fusion import fastest_layout, fold_batchnorm
 from genfast.engines.onnx import PartRuntime, int8_runtime, onnx_runtime
 from genfast.engines.precision import reduced
+from genfast.engines.quantized import inductor_int8
 from genfast.errors import EngineUnavailable, GenfastError
 from genfast.families.base import LoopNetwork, Sampler
 
@@ -63,19 +66,26 @@ def _loop_network(sampler: Sampler, engine: str) -> LoopNetwork:
 
 
 def compiled(sampler: Sampler) -> Sampler:
-    """torch.compile with batch sizes bucketed (compiled.py); a later engine (cudagraph)
-    wraps the compiled module. A looping sampler's fixed-shape part is compiled instead
-    (the parts whose inputs grow every step would recompile at every one)."""
+    """torch.compile with batch sizes bucketed, each bucket frozen or not, whichever runs it
+    faster here (compiled.py); a later engine (cudagraph) wraps the compiled module. A
+    looping sampler's fixed-shape part is compiled instead (the parts whose inputs grow
+    every step would recompile at every one)."""
     if sampler.loops:
         network = _loop_network(sampler, "compile")
         if network.fixed_part() is None:
             raise EngineUnavailable(f"'compile' needs fixed shapes: {network.fixed_part_advice(recorded=False)}")
-        # Freezing makes the weights constants of the graph, so inductor prepacks them for
-        # its matrix kernels: the ar step went from 3.6 to 2.2 ms on the AMD EPYC VM.
-        return rewrap(sampler, network.with_fixed_part(
-            lambda part: torch.compile(part, dynamic=False, options={"freezing": True})))
+        # Not frozen (compiled.py, `tracing`): frozen, the static decode of ar-mnist measured
+        # no faster on the AMD EPYC VM (batch 1: 180 against 172 ms; batch 16: 403 against 370).
+        return rewrap(sampler, network.with_fixed_part(lambda part: torch.compile(part, dynamic=False)))
     bucketed = Bucketed(sampler.module)
-    return rewrap(sampler, bucketed.run, bucketed)
+    return rewrap(sampler, bucketed, bucketed)
+
+
+def int8_inductor(sampler: Sampler) -> Sampler:
+    """PyTorch's own int8 (PT2E, x86 inductor quantiser) compiled to oneDNN's VNNI/AMX kernels;
+    unavailable on a CPU without them (quantized.py). Its network is compiled: nothing wraps it."""
+    bucketed = inductor_int8(sampler)
+    return rewrap(sampler, bucketed, bucketed)
 
 
 def cudagraph(sampler: Sampler) -> Sampler:
@@ -117,15 +127,18 @@ ENGINES: dict[str, Callable[[Sampler], Sampler]] = {
     "cudagraph": cudagraph,
     "onnx": onnx,
     "int8": lambda sampler: rewrap(sampler, None, int8_runtime(sampler)),
+    "int8-inductor": int8_inductor,
+    # The fastest stack of these that keeps the images, measured here and cached (auto.py).
+    "auto": lambda sampler: auto.per_bucket(sampler, apply),
 }
 
 
 # Engines that trace or export the network as one call; a sampler that decodes in a loop
 # of data-dependent length (ar) takes its speed-ups from its decoding strategy.
-ONE_CALL = ("fused", "int8")
+ONE_CALL = ("fused", "int8", "int8-inductor")
 
 # Engines whose result runs in another runtime or replays a recording: nothing wraps them.
-LAST = ("cudagraph", "onnx", "int8")
+LAST = ("cudagraph", "onnx", "int8", "int8-inductor", "auto")
 
 
 def apply(sampler: Sampler, engine: str) -> Sampler:

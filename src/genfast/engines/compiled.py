@@ -1,17 +1,41 @@
-"""torch.compile, with batch sizes bucketed so that a new batch size does not recompile.
+"""torch.compile, with batch sizes bucketed so that a new batch size does not recompile, and
+inductor's freezing where it pays.
 
 torch.compile specialises on input shapes: a sampler fed batches of 256 and a last
 batch of 17 compiles twice, and one fed many sizes recompiles until dynamo's cache
 limit, then silently falls back to eager. Here each batch is padded up to the next
 power of two (rows are independent in eval mode, so padding changes no image) and
 cut back after the call: at most log2(largest batch) + 1 compilations, each a
-one-off cost paid on first use of that bucket.
+one-off cost paid on first use of that bucket (under a raised cache limit: `tracing`).
+
+Freezing (inductor's `freezing=True`) makes the weights constants of the graph: it folds
+them, prepacks them once for oneDNN's kernels (instead of a weight reorder at every call)
+and fuses a convolution with the element-wise work after it. Whether that pays depends on
+the machine and the batch: on the AVX2-only AMD EPYC VM the frozen GAN ran 1.5x faster
+than the plain compiled one at batch 1 but 10-15% slower at batch 256 (oneDNN's
+prepacked transposed convolution is the slower kernel there), while on an Intel CPU with
+AMX it is what lets bf16 convolutions reach the tiles (the issue's prototype: ~5x eager).
+So each bucket compiles both on first use, times them on its own batch and keeps the
+faster (`Bucketed.frozen` records which); the frozen graph computes the same function, to
+fp32 rounding.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 from torch import nn
+
+from genfast.engines.fusion import fastest
+
+# Compilations allowed per function before dynamo gives up and runs it eagerly (its default
+# is 8): dynamo counts every cache entry of a code object, so two variants (plain and
+# frozen) of each of up to 17 buckets (1 to 65,536), and the other engines' compilations of
+# the same network in one bench run, must fit.
+RECOMPILE_LIMIT = 128
+TRIAL_CALLS = 3  # timed calls of each variant when a bucket is first used
 
 
 def bucket(batch: int) -> int:
@@ -19,21 +43,60 @@ def bucket(batch: int) -> int:
     return 1 << (batch - 1).bit_length()
 
 
-class Bucketed:
-    """Calls a compiled network with the batch padded to its bucket; remembers the buckets
-    it has compiled (what `bench` reports as one-off costs, and what the tests check)."""
+@contextlib.contextmanager
+def tracing(freezing: bool):
+    """What the first call of a compiled function (the one that traces and compiles it) runs
+    under. Freezing must be switched on in inductor's global config *while dynamo traces*:
+    dynamo reads it then to make the parameters attributes of the graph, so
+    `torch.compile(options={"freezing": True})` alone, which reaches only the backend,
+    freezes nothing (torch 2.13: the weights stay graph inputs, no oneDNN prepacking).
+    Inductor's own warnings while it compiles (its int8 lowering warns about a tensor copy
+    of its own) are not the user's to read."""
+    import torch._dynamo.config
+    import torch._inductor.config
 
-    def __init__(self, module: nn.Module):
+    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    with (torch._inductor.config.patch(freezing=freezing), torch._dynamo.config.patch(recompile_limit=limit),
+          warnings.catch_warnings()):
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._inductor")
+        yield
+
+
+class Bucketed(nn.Module):
+    """Calls the network compiled for the batch's bucket, the batch padded to it; remembers
+    the buckets it has compiled (what `bench` reports as one-off costs, and what the tests
+    check) and, for each, whether the frozen variant was the faster one. `freezing`: the
+    variants tried (a quantised network runs its int8 kernels only frozen). A module, so
+    that a later engine (cudagraph) can wrap it."""
+
+    def __init__(self, module: nn.Module, freezing: tuple[bool, ...] = (False, True)):
+        super().__init__()
+        self.inner = module.eval()
         self.device = next(module.parameters()).device
-        self.run = torch.compile(module, dynamic=False)
+        # Two compiled functions, so that each keeps its own graphs (dynamo tells them apart
+        # by their backends' settings); both are traced under inference mode, as freezing needs.
+        self.runs = {frozen: torch.compile(self.inner, dynamic=False, options={"freezing": frozen})
+                     for frozen in freezing}
         self.buckets: set[int] = set()
+        self.frozen: dict[int, bool] = {}
 
     @torch.inference_mode()
-    def __call__(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         n, padded = len(noise), bucket(len(noise))
-        self.buckets.add(padded)
         noise = torch.cat([noise, noise.new_zeros(padded - n, *noise.shape[1:])]).to(self.device)
         if labels is not None:
             labels = torch.cat([labels, labels.new_zeros(padded - n)]).to(self.device)
-        return self.run(noise, labels)[:n]
+        if padded not in self.buckets:
+            self._choose(padded, noise, labels)
+        return self.runs[self.frozen[padded]](noise, labels)[:n]
 
+    def _choose(self, padded: int, noise: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """Compile every variant for this bucket and keep the fastest on this very batch."""
+        for frozen, run in self.runs.items():
+            with tracing(frozen):
+                run(noise, labels)
+        variants = {"frozen" if frozen else "plain": run for frozen, run in self.runs.items()}
+        best = fastest(variants, lambda run: run(noise, labels), self.device, repeats=TRIAL_CALLS) \
+            if len(variants) > 1 else next(iter(variants))
+        self.buckets.add(padded)
+        self.frozen[padded] = best == "frozen"

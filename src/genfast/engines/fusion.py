@@ -21,13 +21,15 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 @torch.no_grad()
-def _fold(layer: nn.Module, bn: nn.Module) -> torch.Tensor | None:
+def _fold(layer: nn.Module, bn: nn.Module, into_bias: bool) -> torch.Tensor | None:
     """Scale the layer's output channels by s; put t in its bias, or return t (shaped to
-    broadcast over the output) when the layer has no bias.
+    broadcast over the output) when the layer has no bias and `into_bias` is False.
 
-    A bias is not added to a bias-free layer: oneDNN's transposed convolution runs ~15%
-    slower with one (measured on the seed generator's 128->64 layer, batch 256), more
-    than the separate add costs."""
+    By default a bias is not added to a bias-free layer: oneDNN's transposed convolution
+    runs ~15% slower with one (measured on the seed generator's 128->64 layer, batch 256),
+    more than the separate add costs. An int8 kernel wants it inside (`into_bias`): it adds
+    the bias exactly, in int32, and its output, quantised to 8 bits over one range for all
+    channels, then holds each channel around its own mean rather than offset by it."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
     # Which weight axis holds the output channels: dim 0, except for transposed convolutions.
@@ -35,14 +37,17 @@ def _fold(layer: nn.Module, bn: nn.Module) -> torch.Tensor | None:
     shape = [1] * layer.weight.dim()
     shape[axis] = -1
     layer.weight.mul_(scale.view(shape))
+    if layer.bias is None and into_bias:
+        layer.bias = nn.Parameter(torch.zeros_like(shift))
     if layer.bias is not None:
         layer.bias.mul_(scale).add_(shift)
         return None
     return shift.view(-1, *[1] * (layer.weight.dim() - 2))  # (C,) for Linear, (C, 1, 1) for convolutions
 
 
-def fold_batchnorm(module: nn.Module, conditional: bool) -> fx.GraphModule:
-    """A copy of `module` (called as module(noise, labels)) with every foldable BN folded away."""
+def fold_batchnorm(module: nn.Module, conditional: bool, into_bias: bool = False) -> fx.GraphModule:
+    """A copy of `module` (called as module(noise, labels)) with every foldable BN folded away
+    (`into_bias`: into the layer's bias even where it had none; see _fold)."""
     model = copy.deepcopy(module).eval()
     graph_module = fx.symbolic_trace(model, concrete_args=None if conditional else {"labels": None})
     modules = dict(graph_module.named_modules())
@@ -53,7 +58,7 @@ def fold_batchnorm(module: nn.Module, conditional: bool) -> fx.GraphModule:
         if not (isinstance(source, fx.Node) and source.op == "call_module"
                 and isinstance(modules[source.target], FOLDABLE) and len(source.users) == 1):
             continue
-        shift = _fold(modules[source.target], modules[node.target])
+        shift = _fold(modules[source.target], modules[node.target], into_bias)
         result = source
         if shift is not None:
             name = f"folded_shift_{index}"
@@ -84,15 +89,25 @@ def fastest_layout(module: nn.Module, noise: torch.Tensor, labels: torch.Tensor 
     candidates = {"contiguous": module, "channels_last": copy.deepcopy(module).to(memory_format=torch.channels_last)}
     device = next(module.parameters()).device
     noise, labels = noise.to(device), None if labels is None else labels.to(device)
-    seconds: dict[str, list[float]] = {name: [] for name in candidates}
     with torch.inference_mode():
-        for _ in range(repeats + 1):  # the first round warms up and is dropped
-            for name, candidate in candidates.items():
-                begin = time.perf_counter()
-                candidate(noise, labels)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds[name].append(time.perf_counter() - begin)
-    median = {name: statistics.median(times[1:]) for name, times in seconds.items()}
-    best = "channels_last" if median["channels_last"] < 0.97 * median["contiguous"] else "contiguous"
+        best = fastest(candidates, lambda candidate: candidate(noise, labels), device, repeats)
     return candidates[best], best
+
+
+def fastest(candidates: dict, call, device: torch.device, repeats: int = 5, margin: float = 0.97) -> str:
+    """The name of the candidate that `call(candidate)` runs fastest, by the median of `repeats`
+    timed calls interleaved round robin (so a machine that slows down mid-way skews none)
+    after one warm-up round. The first candidate is the default: another must beat it by
+    `margin` (3%) to be chosen, so that timing noise does not flip a choice for nothing."""
+    seconds: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats + 1):  # the first round warms up and is dropped
+        for name, candidate in candidates.items():
+            begin = time.perf_counter()
+            call(candidate)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds[name].append(time.perf_counter() - begin)
+    median = {name: statistics.median(times[1:]) for name, times in seconds.items()}
+    default, *others = candidates
+    best = min(others, key=median.__getitem__, default=default)
+    return best if median[best] < margin * median[default] else default

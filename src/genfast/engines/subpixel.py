@@ -49,10 +49,13 @@ class SubPixelConv(nn.Module):
                 rows = [stride * (taps - 1 - u) + row_first for u in range(taps)]
                 cols = [stride * (taps - 1 - u) + col_first for u in range(taps)]
                 kernels.append(weight[:, :, rows][:, :, :, cols].transpose(0, 1))  # (out, in, taps, taps)
+        # The bias goes into the convolution, once per phase: an int8 kernel then adds it
+        # exactly (in int32) before its output is quantised, rather than after, in 8 bits.
         self.conv = nn.Conv2d(weight.shape[0], stride * stride * weight.shape[1], taps, padding=conv_padding,
-                              bias=False, device=weight.device, dtype=weight.dtype)
+                              bias=layer.bias is not None, device=weight.device, dtype=weight.dtype)
         self.conv.weight.data.copy_(torch.cat(kernels))
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        if layer.bias is not None:
+            self.conv.bias.data.copy_(layer.bias.detach().repeat(stride * stride))
         self.stride, self.out_channels = stride, weight.shape[1]
         self.offsets = [offset for offset, _ in phases]
 
@@ -63,8 +66,7 @@ class SubPixelConv(nn.Module):
         crops = [y[:, (a * s + b) * c:(a * s + b + 1) * c, top:top + height, left:left + width]
                  for a, top in enumerate(self.offsets) for b, left in enumerate(self.offsets)]
         y = torch.stack(crops, 2).unflatten(2, (s, s))         # (B, C, a, b, H, W)
-        y = y.permute(0, 1, 4, 2, 5, 3).reshape(x.shape[0], c, s * height, s * width)  # pixel (s*m + a, s*n + b)
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        return y.permute(0, 1, 4, 2, 5, 3).reshape(x.shape[0], c, s * height, s * width)  # pixel (s*m + a, s*n + b)
 
 
 def rewritable(layer: nn.Module) -> bool:

@@ -121,7 +121,7 @@ class SampledStep(nn.Module):
     def exported(self) -> Exported:
         """This step as a pure function over its cache (PureStep), for an exporting engine:
         its cache's layers are the state, and a call's keys and values for its position are
-        written into them (one index_copy_ each), so the prefill, which runs here, and the
+        written into them (one slice copy each), so the prefill, which runs here, and the
         exported calls share the cache. One export serves every batch size."""
         net, cache = self.step.net, self.step.cache
         batch = torch.export.Dim("batch", min=1)
@@ -134,9 +134,10 @@ class SampledStep(nn.Module):
                    *[cache.keys.new_zeros(example_rows, *layer_shape) for _ in range(2 * net.layers)])
 
         def commit(inputs: tuple[torch.Tensor, ...], writes: tuple[torch.Tensor, ...]) -> None:
-            position = inputs[1]
-            cache.keys.index_copy_(3, position, writes[0])
-            cache.values.index_copy_(3, position, writes[1])
+            # A slice's copy: index_copy_ took ~130 us a call at batch 64 (it indexes every row).
+            position = int(inputs[1])
+            cache.keys.narrow(3, position, 1).copy_(writes[0])
+            cache.values.narrow(3, position, 1).copy_(writes[1])
 
         return Exported(PureStep(net, self.options), example, (*cache.keys.unbind(), *cache.values.unbind()), commit,
                         ({0: rows}, {}, {0: batch}, ({0: rows},) * (2 * net.layers)),  # *cache: one entry
@@ -149,32 +150,37 @@ class PureStep(nn.Module):
     per layer)) -> (next tokens (B,), the position's keys and values (layers, rows, heads,
     1, head dim)). The same arithmetic as Block and Attention for one token, arranged for
     fewer ONNX nodes: 2-D activations (a Linear becomes one Gemm), heads split by one
-    reshape (one token needs no transpose), the mask as one additive bias shared by every
-    layer, and the new key and value attended beside the cache instead of written into a
-    copy of it (a `where` over the whole cache cost 1.2 ms a layer at batch 64 in ONNX
-    Runtime, more than the layer's matrix products). The tests hold it to the eager static
-    step's tokens."""
+    reshape (one token needs no transpose), and the new key and value attended beside the
+    cache instead of written into a copy of it (a `where` over the whole cache cost 1.2 ms
+    a layer at batch 64 in ONNX Runtime, more than the layer's matrix products). Only the
+    cache's slots before the position are read (a slice whose length is the position's
+    value, which torch.export keeps symbolic): no mask, and on average half the cache read
+    that attending every slot costs, which is what batch 64's attention is bound by. The
+    tests hold it to the eager static step's tokens."""
 
     def __init__(self, net: ARNet, options: Options):
         super().__init__()
         self.net, self.options, self.guided = net, options, options.cfg != 1.0
-        self.register_buffer("slots", torch.arange(net.prefix_tokens + net.sequence_length), persistent=False)
 
     def forward(self, tokens: torch.Tensor, position: torch.Tensor, uniforms: torch.Tensor, *cache: torch.Tensor):
         net, rows = self.net, tokens.shape[0]
         heads, head_dim = net.heads, net.width // net.heads
         keys, values = cache[:net.layers], cache[net.layers:]
         x = net.wte(tokens[:, 0]) + net.wpe(position)  # (rows, width)
-        # The cache's slots before this token's; its own slot is not written yet (it is stale).
-        before = torch.where(self.slots < position, 0.0, -math.inf).to(x.dtype)
+        # The cache's slots before this token's (its own slot is not written yet): a prefix
+        # of at least the condition's, read from the position (a host read, in export a size).
+        written = position.item()
+        torch._check(written >= net.prefix_tokens)
+        torch._check(written < net.prefix_tokens + net.sequence_length)
         scale = head_dim ** -0.5
         new_keys, new_values = [], []
         for block, layer_keys, layer_values in zip(net.blocks, keys, values):
+            layer_keys, layer_values = layer_keys[:, :, :written], layer_values[:, :, :written]
             qkv = block.attn.qkv(block.ln1(x)).view(rows, 3, heads, 1, head_dim)
             q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
             # Attention over [the cache before this token, this token]: the same weights as over
             # the cache with this token written into its slot, without copying the cache.
-            scores = torch.cat([q @ layer_keys.transpose(-1, -2) * scale + before, (q * k).sum(-1, True) * scale], -1)
+            scores = torch.cat([q @ layer_keys.transpose(-1, -2) * scale, (q * k).sum(-1, True) * scale], -1)
             weights = scores.softmax(-1)
             attended = weights[..., :-1] @ layer_values + weights[..., -1:] * v
             x = x + block.attn.proj(attended.reshape(rows, net.width))
