@@ -31,7 +31,16 @@ def test_auto_trains_in_what_the_probe_chose_and_records_it(choice, tmp_path: Pa
     assert calls == [torch.device("cpu")]
     assert saved.extra["precision"] == choice
     assert saved.extra["precision_probe"] == f"precision auto: {choice} (faked probe)"
-    assert f"precision auto: {choice} (faked probe)" in capsys.readouterr().err  # the one line
+    assert "precision auto" not in capsys.readouterr().err  # train_tiny is quiet: no notes
+
+
+def test_the_cli_says_the_choice_in_one_line_unless_quiet(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "probe_precision", faked("fp32", []))
+    args = ("train", "gan", "--data", "fake", "--preset", "tiny", "--steps", 2)
+    status, _, err = run(capsys, *args, "--out", tmp_path / "loud")
+    assert status == 0 and "precision auto: fp32 (faked probe)\n" in err
+    status, _, err = run(capsys, *args, "--out", tmp_path / "quiet", "-q")
+    assert status == 0 and err == ""
 
 
 def test_a_resumed_run_keeps_its_precision_and_asks_no_probe(tmp_path: Path, monkeypatch):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from genfast import engines, images, memory, metrics
+from genfast import engines, images, memory, metrics, timing
 from genfast.engines.compiled import bucket
 from genfast.errors import GenfastError
 from genfast.families.base import LoopNetwork, Sampler
@@ -67,29 +67,9 @@ class Row:
     peak_fraction: float | None = None            # gflops / that peak
 
 
-def _named(label: str, device: torch.device):
-    """An NVTX range on CUDA, for Nsight Systems; nothing elsewhere (a CPU build has no NVTX)."""
-    return torch.cuda.nvtx.range(label) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _label(name: str, decode: str | None, batch: int) -> str:
     """What a row's calls are called in traces and NVTX ranges: "fused b16", "eager/static b1"."""
     return f"{name}{'/' + decode if decode else ''} b{batch}"
-
-
-def _timed(call, device: torch.device, label: str) -> float:
-    """Seconds for one call, the device synchronised (CUDA events on a GPU, inside the NVTX range)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with _named(label, device):
-            start.record()
-            call()
-            end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1000
-    begin = time.perf_counter()
-    call()
-    return time.perf_counter() - begin
 
 
 def _peak_memory_mb(call, device: torch.device) -> float | None:
@@ -116,7 +96,7 @@ def _profiled(call, device: torch.device, label: str, path: Path) -> list[dict]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
         for _ in range(PROFILE_CALLS):
-            with _named(label, device), record_function(label):
+            with timing.named(label, device), record_function(label):
                 call()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -241,7 +221,7 @@ def measure(sampler: Sampler, engine_names: list[str], batch_sizes: list[int], r
         calls = {key: functools.partial(fast, noise, labels) for key, (fast, _) in ready.items()}
         for _ in range(repeats):
             for (name, decode), call in calls.items():
-                times[name, decode].append(_timed(call, device, _label(name, decode, batch)))
+                times[name, decode].append(timing.seconds(call, device, _label(name, decode, batch)))
         for (name, decode), seconds in times.items():
             fast = ready[name, decode][0]
             ordered = sorted(seconds)

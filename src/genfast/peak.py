@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from genfast import timing
+
 PROBE_CALL_S = 0.02      # a probe grows until one call takes this long (and its rate stops growing)...
 PROBE_MAX_CALL_S = 0.12  # ...or the next would take longer than this
 PROBE_BUDGET_S = 0.05    # ...then repeats for about this long, keeping the fastest call
@@ -105,7 +107,7 @@ def _probe(make: Probe, device: torch.device, optional: bool = False) -> float |
     while (made := make(size)) is not None:
         call, flops = made
         call()  # warm-up: first-call costs (weight packing, kernel selection) are not the peak
-        seconds = _timed(call, device)
+        seconds = timing.seconds(call, device)
         grew = flops / seconds > 1.1 * rate  # always at the first size: nothing to compare yet
         if best is None or flops / seconds > rate:
             best, rate = (call, flops, seconds), flops / seconds
@@ -119,18 +121,8 @@ def _probe(make: Probe, device: torch.device, optional: bool = False) -> float |
     call, flops, fastest = best
     deadline = time.perf_counter() + PROBE_BUDGET_S
     while time.perf_counter() < deadline:
-        fastest = min(fastest, _timed(call, device))
+        fastest = min(fastest, timing.seconds(call, device))
     return flops / fastest / 1e9
-
-
-def _timed(call: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    begin = time.perf_counter()
-    call()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - begin
 
 
 def _largest(device: torch.device) -> int:

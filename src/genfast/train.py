@@ -618,7 +618,7 @@ class _Outputs:
 
 
 def _loop(plan: RunPlan, options: TrainOptions, device: torch.device, here: distributed.World) -> Path:
-    if plan.precision_note and here.main:
+    if plan.precision_note and here.main and options.progress:  # -q silences notes, as it does auto's
         print(plan.precision_note, file=sys.stderr, flush=True)  # the one line: what auto chose, and why
     setup = _set_up(plan, options, device)
     family, config = plan.family, setup.config

@@ -60,7 +60,7 @@ from pathlib import Path
 
 import torch
 
-from genfast import machine, metrics
+from genfast import machine, metrics, timing
 from genfast.engines.compiled import bucket
 from genfast.errors import EngineUnavailable, GenfastError, GenfastWarning
 from genfast.families.base import LoopNetwork, Sampler
@@ -447,24 +447,10 @@ def _interleaved(built: dict[str, Sampler], probe: _Probe, device: torch.device,
     start = time.perf_counter()
     for round_ in range(MAX_ROUNDS):
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            times[name].append(_seconds(calls[name], device))
+            times[name].append(timing.seconds(calls[name], device))
         if round_ + 1 >= MIN_ROUNDS and time.perf_counter() - start > seconds:
             break
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-def _seconds(call: Callable[[], object], device: torch.device) -> float:
-    """One call, the device synchronised (CUDA events on a GPU), as bench times its rows."""
-    if device.type == "cuda":
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        call()
-        end.record()
-        torch.cuda.synchronize(device)
-        return begin.elapsed_time(end) / 1000
-    begin_s = time.perf_counter()
-    call()
-    return time.perf_counter() - begin_s
 
 
 def _check_fid(trials: list[Trial], built: dict[str, Sampler], sampler: Sampler, n: int) -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 
 import torch
 from torch import fx, nn
+
+from genfast import timing
 
 FOLDABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -102,11 +103,7 @@ def fastest(candidates: dict, call, device: torch.device, repeats: int = 5, marg
     seconds: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats + 1):  # the first round warms up and is dropped
         for name, candidate in candidates.items():
-            begin = time.perf_counter()
-            call(candidate)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds[name].append(time.perf_counter() - begin)
+            seconds[name].append(timing.seconds(lambda candidate=candidate: call(candidate), device))
     median = {name: statistics.median(times[1:]) for name, times in seconds.items()}
     default, *others = candidates
     best = min(others, key=median.__getitem__, default=default)
