@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from genfast import bench, engines
+from genfast import bench, engines, timing
 
 from test_cli import run
 
@@ -90,10 +90,10 @@ def test_a_profile_folder_that_is_a_file_is_one_line_before_any_work(tiny_gan, t
 def test_nvtx_ranges_on_cuda_only(monkeypatch):
     named = []
     monkeypatch.setattr(torch.cuda.nvtx, "range", lambda label: named.append(label) or contextlib.nullcontext())
-    with bench._named("fused b16", torch.device("cpu")):  # a CPU build's NVTX would raise: never called
+    with timing.named("fused b16", torch.device("cpu")):  # a CPU build's NVTX would raise: never called
         pass
     assert named == []
-    with bench._named("fused b16", torch.device("cuda")):
+    with timing.named("fused b16", torch.device("cuda")):
         pass
     assert named == ["fused b16"]
 
