@@ -12,6 +12,7 @@ in `genfast/models/`) works as well as a path: `resolve` is the one place that d
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -177,3 +178,15 @@ def load(name_or_path: str | Path) -> Checkpoint:
         family=header["family"], config=header["config"], dataset=header["dataset"], step=header["step"],
         modules=modules, optimizers=optimizers, extra=header["extra"],
     )
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of every tensor of a network (names, kinds, shapes and bytes): a retrained or
+    replaced checkpoint is another model, whatever its file is called (auto's decisions and
+    the onnx engine's kept exports are keyed on it)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

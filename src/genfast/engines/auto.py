@@ -61,6 +61,7 @@ from pathlib import Path
 import torch
 
 from genfast import machine, metrics, timing
+from genfast.checkpoint import weights_digest
 from genfast.engines.compiled import bucket
 from genfast.errors import EngineUnavailable, GenfastError, GenfastWarning
 from genfast.families.base import LoopNetwork, Sampler
@@ -499,7 +500,7 @@ def cache_key(sampler: Sampler, batch: int, settings: dict | None = None) -> str
 
 def _facts(sampler: Sampler, settings: dict | None) -> dict:
     """What a decision depends on, the batch aside."""
-    return {"weights": _weights_digest(sampler.module), "machine": asdict(machine.current(sampler.device)),
+    return {"weights": weights_digest(sampler.module), "machine": asdict(machine.current(sampler.device)),
             "device": str(sampler.device), "settings": _settings(sampler, settings)}
 
 
@@ -511,17 +512,6 @@ def _settings(sampler: Sampler, settings: dict | None) -> dict:
     """The sampling settings a decision is for: a loop's decoding strategy, and what was asked."""
     asked = {key: value for key, value in (settings or {}).items() if value is not None and key != "decode"}
     return asked | ({"decode": sampler.module.decode} if isinstance(sampler.module, LoopNetwork) else {})
-
-
-def _weights_digest(module: torch.nn.Module) -> str:
-    """sha256 of every tensor of the network (names, kinds, shapes and bytes): a retrained or
-    replaced checkpoint is another model, whatever its file is called."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _read(path: Path, warn: bool = True) -> dict[str, dict]:

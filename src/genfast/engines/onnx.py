@@ -25,16 +25,15 @@ import inspect
 import io
 import logging
 import os
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 from genfast import machine
-from genfast.engines.fusion import fold_batchnorm
+from genfast.checkpoint import weights_digest
+from genfast.engines.fusion import fastest, fold_batchnorm
 from genfast.engines.subpixel import subpixel
 from genfast.errors import EngineUnavailable, GenfastError, GenfastWarning
 from genfast.families.base import Exported, Sampler
@@ -239,11 +238,7 @@ def exports_folder() -> Path:
 def _export_digest(exported: Exported) -> str:
     digest = hashlib.sha256(repr((exported.key, _versions(),
                                   [(tuple(x.shape), str(x.dtype)) for x in exported.example])).encode())
-    for name, tensor in sorted(exported.module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(repr(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(weights_digest(exported.module).encode())
     sources = {inspect.getsourcefile(type(m)) for m in exported.module.modules()}
     for source in sorted(path for path in sources if path and Path(path).is_relative_to(_PACKAGE)):
         digest.update(Path(source).read_bytes())
@@ -308,7 +303,7 @@ TRIAL_RUNS = 5  # timed runs per thread count when a shape is first bound
 class _Bound:
     """IO bindings of one input shape, one per session: the first run lets ONNX Runtime
     allocate the outputs (their shapes follow from the inputs'), and every binding then
-    writes into those tensors. The session kept is the faster over a few timed runs of
+    writes into those tensors. The session kept is the faster (fusion.fastest) over timed runs of
     this very call: on the 2-core AMD EPYC VM one thread ran the batch-1 ar step in
     ~0.6 ms and two in ~0.9 ms (a node is too small to split, and waking the second
     thread costs more than it saves), while larger batches gain from both. A run is pure
@@ -334,14 +329,9 @@ class _Bound:
         for binding in bindings.values():
             for name, tensor in zip(names, self.outputs):
                 _bind_tensor(binding.bind_output, name, tensor)
-        timings = {threads: [] for threads in sessions}
-        if len(sessions) > 1:
-            for _ in range(TRIAL_RUNS):
-                for threads, session in sessions.items():
-                    start = time.perf_counter()
-                    session.run_with_iobinding(bindings[threads])
-                    timings[threads].append(time.perf_counter() - start)
-        self.threads = min(timings, key=lambda threads: statistics.median(timings[threads] or [0.0]))
+        runs = {threads: (session, bindings[threads]) for threads, session in sessions.items()}
+        self.threads = fastest(runs, lambda run: run[0].run_with_iobinding(run[1]), torch.device("cpu"),
+                               repeats=TRIAL_RUNS, margin=1.0) if len(runs) > 1 else first_threads
         self.session, self.binding = sessions[self.threads], bindings[self.threads]
 
     def run(self, inputs: tuple[torch.Tensor, ...]) -> None:
