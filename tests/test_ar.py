@@ -370,11 +370,11 @@ def test_the_compiled_step_draws_the_tokens_of_the_eager_one(tiny_ar, batch, cfg
 @pytest.mark.parametrize("batch, cfg, temperature, top_k", [
     (3, 2.0, 1.0, 0), *[pytest.param(*case, marks=pytest.mark.slow) for case in [(1, 1.0, 1.0, 0), (3, 2.0, 0.0, 0),
                                                                                 (2, 1.0, 0.8, 5)]]])
-def test_the_onnx_step_draws_the_tokens_of_the_eager_one(tiny_ar, batch, cfg, temperature, top_k):
-    """The step exported (PureStep, its draw included) and run in ONNX Runtime over the
-    cache the eager prefill wrote: the eager static decoder's tokens for the same noise,
-    sampled or greedy, guided or not, at batch 1 and ragged batches; one export serves
-    every batch size (its batch axis is dynamic)."""
+def test_the_onnx_decode_draws_the_tokens_of_the_eager_one(tiny_ar, batch, cfg, temperature, top_k):
+    """The static decode exported as chained calls of one function (DecodeCall, the prefill
+    and every draw included) and replayed in ONNX Runtime: the eager static decoder's
+    tokens for the same noise, sampled or greedy, guided or not, at batch 1 and ragged
+    batches; one export serves every batch size (its batch axis is dynamic)."""
     from genfast import engines
 
     sampler = genfast.load(tiny_ar).with_decoding("static", cfg=cfg, temperature=temperature, top_k=top_k)
@@ -382,21 +382,41 @@ def test_the_onnx_step_draws_the_tokens_of_the_eager_one(tiny_ar, batch, cfg, te
     for rows in (batch, batch + 2):
         noise, labels = sampler.noise(rows, 7), sampler.labels(rows)
         expected = sampler.module.tokens(noise, labels)
-        for _ in range(2):  # the second call reuses the binding and the cache
+        for _ in range(2):  # the second call reuses the bindings and the buffers
             assert torch.equal(fast.module.tokens(noise, labels), expected)
-    assert fast.module.passes == 49 and sorted(fast.module.steps) == sorted(
-        (1 + (cfg != 1.0)) * rows for rows in (batch, batch + 2))
-    runtime = fast.module.wrap
-    assert len(runtime.sessions) == 1  # one export (its sessions: one per thread count tried)
+    assert fast.module.passes == 49 and sorted(fast.module.recorded.bound) == [batch, batch + 2]
+    assert len(fast.module.record.sessions) == 1  # one export (its sessions: one per thread count tried)
+
+
+def test_the_static_loop_calls_read_and_write_its_buffers_in_place(tiny_ar):
+    """What lets a replay run with no copy between calls: every call's inputs and outputs
+    are views of the plan's buffers, the token a call draws is what the next call reads,
+    and a call reads exactly the cache slots the calls before it wrote."""
+    from genfast.families.ar import decoders
+
+    sampler = genfast.load(tiny_ar)
+    net = sampler.module.net
+    plan = decoders.static_loop(net, sampler.module.options).plan(3)
+    assert len(plan.calls) == net.prefix_tokens + net.sequence_length - 1
+    buffers = plan.calls[-1][0][4:]  # the last call reads every slot but one: each layer's buffer from its start
+    for c, ((tokens, position, _, _, *cache), (drawn, *written)) in enumerate(plan.calls):
+        assert int(position) == c and all(x.is_contiguous() for x in (tokens, drawn, *cache, *written))
+        assert all(len(slots) == c for slots in cache)  # the slots before this call's position
+        if c + 1 < len(plan.calls) and c + 1 >= net.prefix_tokens:
+            assert plan.calls[c + 1][0][0].data_ptr() == drawn.data_ptr()  # chained: no copy
+        for buffer, slots, slot in zip(buffers, cache, written):  # its slot follows the slots it read
+            assert c == 0 or slots.data_ptr() == buffer.data_ptr()
+            assert slot.data_ptr() == buffer.data_ptr() + c * slot.numel() * slot.element_size()
 
 
 def test_an_export_is_kept_for_the_next_process_and_remade_when_anything_changes(tiny_ar, tmp_path, monkeypatch):
-    """The exported step is kept in the cache folder: a second engine reads it back without
+    """The exported decode call is kept in the cache folder: a second engine reads it back without
     exporting (the same tokens); other weights are another file; a damaged file is exported
     again with a one-line warning."""
     from genfast import engines
     from genfast.engines.onnx import _export_digest
     from genfast.errors import GenfastWarning
+    from genfast.families.ar import decoders
 
     monkeypatch.setenv("GENFAST_EXPORTS", str(tmp_path))
     sampler = genfast.load(tiny_ar).with_decoding("static")
@@ -409,7 +429,7 @@ def test_an_export_is_kept_for_the_next_process_and_remade_when_anything_changes
     monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("exported again"))
     assert torch.equal(engines.apply(sampler, "onnx").module.tokens(noise, labels), expected)
 
-    step = sampler.module.static_step(2, sampler.module.options).exported()
+    step = decoders.static_loop(sampler.module.net, sampler.module.options).call
     digest = _export_digest(step)
     weight = sampler.module.net.head.weight
     original = weight.detach().clone()
@@ -464,8 +484,7 @@ def test_an_export_that_fixes_the_batch_size_is_refused():
         def forward(self, x):
             return x * len(x)
 
-    exported = Exported(Specialising(), (torch.ones(2, 3),), (), lambda inputs, writes: None,
-                        ({0: torch.export.Dim("batch", min=1)},), ())
+    exported = Exported(Specialising(), (torch.ones(2, 3),), ({0: torch.export.Dim("batch", min=1)},), ())
     with pytest.raises(GenfastError, match="fixed axis 0 of its input input0"):
         _part_sessions(exported)
 

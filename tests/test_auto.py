@@ -313,3 +313,17 @@ def test_grid_pixels_of_auto_stay_within_the_chosen_stacks_tolerance(cache, cand
     run(capsys, "sample", tiny_gan, "-n", 16, "--engine", "eager", "--out", tmp_path / "eager.png")
     a, b = (np.asarray(Image.open(tmp_path / f"{x}.png")).astype(int) for x in ("auto", "eager"))
     assert np.abs(a - b).max() <= 255 / 2 * auto.tolerance(chosen).max_abs + 1  # pixels in [-1, 1] -> 0..255
+
+
+def test_a_kv_model_is_decided_over_the_static_decode_which_draws_its_tokens(cache, tiny_ar, monkeypatch):
+    """kv has no fixed part for compile or onnx to take; static draws the same tokens with one,
+    so auto decides over static's stacks: onnx is tried and kept, and the images stay kv's."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(auto, "LOOP_CANDIDATES", ("eager", "onnx"))
+    sampler = genfast.load(tiny_ar)
+    assert sampler.module.decode == "kv"
+    fast, choice = auto.resolve(sampler, 4, engines.apply, budget_s=120)
+    assert choice.decision.about["settings"]["decode"] == "static" and choice.decision.trial("onnx").kept
+    assert fast.module.decode == "static"
+    noise, labels = sampler.noise(4, 2), sampler.labels(4)
+    assert torch.equal(fast(noise, labels), sampler(noise, labels))

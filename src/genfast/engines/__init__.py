@@ -34,7 +34,7 @@ from genfast.engines.auto import TOLERANCES, Tolerance, tolerance  # noqa: F401 
 from genfast.engines.compiled import Bucketed
 from genfast.engines.cudagraph import GraphReplay, require_cuda
 from genfast.engines.fusion import fastest_layout, fold_batchnorm
-from genfast.engines.onnx import PartRuntime, int8_runtime, onnx_runtime
+from genfast.engines.onnx import LoopRuntime, PartRuntime, int8_runtime, onnx_runtime
 from genfast.engines.precision import reduced
 from genfast.engines.quantized import inductor_int8
 from genfast.errors import EngineUnavailable, GenfastError
@@ -104,8 +104,10 @@ def cudagraph(sampler: Sampler) -> Sampler:
 
 
 def onnx(sampler: Sampler) -> Sampler:
-    """The network in ONNX Runtime; a looping sampler's fixed part instead (onnx.py says
-    why it pays), on the CPU in fp32: the rest of its loop stays in PyTorch."""
+    """The network in ONNX Runtime (onnx.py says why it pays), on the CPU in fp32; for a
+    looping sampler, its whole decode where the strategy has one of fixed length (static:
+    replayed as chained calls, the sampling included), else its fixed pass (jacobi,
+    parallel: the rest of their loop stays in PyTorch)."""
     if not sampler.loops:
         return rewrap(sampler, None, onnx_runtime(sampler))
     if not isinstance(sampler.module, LoopNetwork):
@@ -115,6 +117,8 @@ def onnx(sampler: Sampler) -> Sampler:
         raise EngineUnavailable(f"'onnx' runs a fixed-shape part: {network.fixed_part_advice(recorded=False)}")
     if sampler.device.type != "cpu":
         raise EngineUnavailable("'onnx' runs a token-by-token model's step on the CPU; on CUDA use cudagraph")
+    if network.recorded_part() is not None:
+        return rewrap(sampler, network.with_recorded_part(LoopRuntime()))
     return rewrap(sampler, network.with_fixed_part(PartRuntime()))
 
 

@@ -1,5 +1,6 @@
 """ONNX: export a sampler's network, and run it with ONNX Runtime in fp32 or int8 (CPU; CUDA provider
-when present); or, for a sampler that decodes in a loop (ar), its fixed part in fp32 on the CPU.
+when present); or, for a sampler that decodes in a loop (ar), its whole decode (static) or its
+fixed pass (jacobi, parallel) in fp32 on the CPU.
 
 The export goes through torch.export (`torch.onnx.export(dynamo=True)`) with a dynamic
 batch dimension, so one file serves every batch size. ONNX Runtime and the exporter's
@@ -11,9 +12,10 @@ small operators. On the 2-core AMD EPYC genfast is built on, PyTorch spends ~4 m
 one (eager; torch.compile 2.2-3.6 ms): MKL takes ~100 us per
 1x192 by 192x576 product (its small-matrix path, with the weights not yet in cache),
 and a compiled call pays ~0.3 ms of guard checks. ONNX Runtime runs the same step in
-~0.6 ms: its MLAS kernels read prepacked weights, and a node costs ~1-2 us. The part
-keeps its state in its own buffers, bound to the session once (IO binding, no copy),
-so a call costs its inputs' copies, the run, and the part's commit of its writes.
+~0.5 ms: its MLAS kernels read prepacked weights, and a node costs ~1-2 us. The static
+decode runs as one function's chained calls (LoopRuntime), each bound once to its views
+of the loop's buffers (IO binding, no copy): its cache, tokens and noise stay where they
+are from the first call to the last, and a token costs ONNX Runtime's run alone.
 """
 
 from __future__ import annotations
@@ -172,10 +174,9 @@ def int8_runtime(sampler: Sampler):
 
 
 class PartRuntime:
-    """The onnx engine's wrapper of a looping network's fixed parts (families/base.py,
-    `Exported`): each distinct part (its `key`) is exported once, with dynamic batch axes,
-    into sessions that the parts of every batch size share; a part runs as an
-    ExportedCall on its own state."""
+    """The onnx engine's wrapper of a looping network's fixed pass (jacobi's and parallel's
+    full-sequence pass, families/base.py `Exported`): each distinct part (its `key`) is
+    exported once, with dynamic batch axes, into sessions that every batch size shares."""
 
     def __init__(self):
         self.sessions: dict[tuple, dict[int, object]] = {}
@@ -184,12 +185,30 @@ class PartRuntime:
         exported = part.exported()
         if exported.key not in self.sessions:
             self.sessions[exported.key] = _part_sessions(exported)
-        return ExportedCall(exported, self.sessions[exported.key])
+        return ExportedCall(self.sessions[exported.key])
+
+
+class LoopRuntime:
+    """The onnx engine's recorder of a looping network's whole decode (the static decoder's:
+    families/base.py `ExportedLoop`): its one function exported once per distinct loop (its
+    `key`), and replayed per batch size as the loop's calls, each bound once to its views of
+    the loop's buffers (ReplayedLoop). Why: a call costs ONNX Runtime's run alone, where the
+    step wrapped on its own (PartRuntime's way) also paid PyTorch's copies of its inputs, of
+    its cache writes and of its output, and an eager prefill, ~40% of a batch-1 decode."""
+
+    def __init__(self):
+        self.sessions: dict[tuple, dict[int, object]] = {}
+
+    def __call__(self, part) -> ReplayedLoop:
+        loop = part.exported_loop()
+        if loop.call.key not in self.sessions:
+            self.sessions[loop.call.key] = _part_sessions(loop.call)
+        return ReplayedLoop(loop, self.sessions[loop.call.key])
 
 
 def _part_sessions(exported: Exported) -> dict[int, object]:
     """Sessions of the exported part, one per thread count worth trying (1 and torch's):
-    which is faster depends on the batch and the machine (see _Bound)."""
+    which is faster depends on the batch and the machine (see _fewer_threads_if_faster)."""
     ort = _require()
     path = exports_folder() / f"{_export_digest(exported)}.onnx"
     model = _read_export(path)
@@ -277,67 +296,104 @@ def _flat(shapes) -> list[dict]:
 class ExportedCall:
     """Calls an exported part (inputs -> output) in ONNX Runtime through IO bindings, one
     per shape of the inputs, made on the first call of that shape: the call's inputs are
-    copied into buffers of its own (as a CUDA graph's are), the part's state and the
-    outputs are bound where they live, so a call makes no other copy. After each run the
-    part commits its writes to its state; the output is returned as a copy, since the
+    copied into buffers of its own (as a CUDA graph's are) and the output is bound where
+    it lives, so a call makes no other copy; it returns a copy of the output, since the
     next run overwrites it."""
 
-    def __init__(self, exported: Exported, sessions: dict[int, object]):
-        self.exported, self.sessions = exported, sessions
+    def __init__(self, sessions: dict[int, object]):
+        self.sessions = sessions
         self.bound: dict[tuple, _Bound] = {}
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         shapes = tuple(tuple(x.shape) for x in inputs)
         if shapes not in self.bound:
-            self.bound[shapes] = _Bound(self.sessions, inputs, self.exported.state)
+            self.bound[shapes] = _Bound(self.sessions, inputs)
         else:
             self.bound[shapes].run(inputs)
-        bound = self.bound[shapes]
-        self.exported.commit(bound.inputs, tuple(bound.outputs[1:]))
-        return bound.outputs[0].clone()
-
-
-TRIAL_RUNS = 5  # timed runs per thread count when a shape is first bound
+        return self.bound[shapes].output.clone()
 
 
 class _Bound:
-    """IO bindings of one input shape, one per session: the first run lets ONNX Runtime
-    allocate the outputs (their shapes follow from the inputs'), and every binding then
-    writes into those tensors. The session kept is the faster (fusion.fastest) over timed runs of
-    this very call: on the 2-core AMD EPYC VM one thread ran the batch-1 ar step in
-    ~0.6 ms and two in ~0.9 ms (a node is too small to split, and waking the second
-    thread costs more than it saves), while larger batches gain from both. A run is pure
-    (the commit comes after), so the trials change nothing."""
+    """IO bindings of one input shape, one per session (the first run lets ONNX Runtime
+    allocate the output, whose shape follows from the inputs'; every binding then writes
+    into that tensor), and the session kept for it (_fewer_threads_if_faster)."""
 
-    def __init__(self, sessions: dict[int, object], inputs: tuple[torch.Tensor, ...],
-                 state: tuple[torch.Tensor, ...]):
-        self.inputs = tuple(x.detach().contiguous().clone() for x in inputs)
-        first_threads, first = next(iter(sessions.items()))
-        names = [node.name for node in first.get_outputs()]
-        bindings = {}
-        for threads, session in sessions.items():
-            binding = session.io_binding()
-            for node, tensor in zip(session.get_inputs(), (*self.inputs, *state)):
-                _bind_tensor(binding.bind_input, node.name, tensor)
-            bindings[threads] = binding
-        allocating = bindings[first_threads]
-        for name in names:
-            allocating.bind_output(name, "cpu")
+    def __init__(self, sessions: dict[int, object], inputs: tuple[torch.Tensor, ...]):
+        with torch.inference_mode(False):  # buffers that a call outside inference_mode may write too
+            self.inputs = tuple(x.detach().contiguous().clone() for x in inputs)
+        first = next(iter(sessions.values()))
+        [name] = [node.name for node in first.get_outputs()]
+        allocating = first.io_binding()
+        for node, tensor in zip(first.get_inputs(), self.inputs):
+            _bind_tensor(allocating.bind_input, node.name, tensor)
+        allocating.bind_output(name, "cpu")
         first.run_with_iobinding(allocating)
-        self.outputs = [torch.from_numpy(value.numpy()).clone() for value in allocating.get_outputs()]
-        allocating.clear_binding_outputs()
-        for binding in bindings.values():
-            for name, tensor in zip(names, self.outputs):
-                _bind_tensor(binding.bind_output, name, tensor)
-        runs = {threads: (session, bindings[threads]) for threads, session in sessions.items()}
-        self.threads = fastest(runs, lambda run: run[0].run_with_iobinding(run[1]), torch.device("cpu"),
-                               repeats=TRIAL_RUNS, margin=1.0) if len(runs) > 1 else first_threads
-        self.session, self.binding = sessions[self.threads], bindings[self.threads]
+        self.output = torch.from_numpy(allocating.get_outputs()[0].numpy()).clone()
+        self.session, [self.binding] = _fewer_threads_if_faster(sessions, [(self.inputs, (self.output,))])
 
     def run(self, inputs: tuple[torch.Tensor, ...]) -> None:
         for static, x in zip(self.inputs, inputs):
             static.copy_(x)
         self.session.run_with_iobinding(self.binding)
+
+
+class ReplayedLoop:
+    """An exported loop run in ONNX Runtime: per batch size, its plan's buffers and one IO
+    binding per call (made on the first call of that size); a loop then costs the plan's
+    `load`, one run per call and its `result`. The session is chosen on the loop's middle
+    call (_fewer_threads_if_faster): the batch-1 calls run faster on one thread, larger
+    batches on all."""
+
+    def __init__(self, loop, sessions: dict[int, object]):
+        self.loop, self.sessions = loop, sessions
+        self.bound: dict[int, tuple] = {}
+
+    def __call__(self, *arguments: torch.Tensor) -> torch.Tensor:
+        batch = len(arguments[0])
+        if batch not in self.bound:
+            plan = self.loop.plan(batch)
+            self.bound[batch] = (plan, *_fewer_threads_if_faster(self.sessions, plan.calls))
+        plan, session, bindings = self.bound[batch]
+        plan.load(*arguments)
+        run = session.run_with_iobinding
+        for binding in bindings:
+            run(binding)
+        return plan.result()
+
+
+TRIAL_ROUNDS = 3  # timed rounds per thread count when a shape is first bound
+TRIAL_SHARE = 4   # a round runs every 4th call of a loop
+
+
+def _fewer_threads_if_faster(sessions: dict[int, object], calls: list[tuple[tuple, tuple]]) -> tuple[object, list]:
+    """The session to run `calls` (each: its input and output tensors) and their IO bindings
+    in it. With more than one session (thread counts), the one that runs them faster
+    (fusion.fastest, interleaved rounds of every TRIAL_SHARE-th call: the calls of a loop
+    differ in cost, and one call timed alone varied by 30% between runs). On the 2-core AMD
+    EPYC VM one thread ran the batch-1 static decode in 16 ms and two in 22 (a node is too
+    small to split, and waking the second thread costs more than it saves); at batch 64 two
+    threads took 258 ms and one 349. A call's run writes only its own outputs, which the
+    real run overwrites before anything reads them, so the trials change nothing."""
+    bindings = {}
+    for threads, session in sessions.items():
+        inputs, outputs = [node.name for node in session.get_inputs()], [node.name for node in session.get_outputs()]
+        bindings[threads] = []
+        for call_inputs, call_outputs in calls:
+            binding = session.io_binding()
+            for name, tensor in zip(inputs, call_inputs):
+                _bind_tensor(binding.bind_input, name, tensor)
+            for name, tensor in zip(outputs, call_outputs):
+                _bind_tensor(binding.bind_output, name, tensor)
+            bindings[threads].append(binding)
+    threads = next(iter(sessions))
+    if len(sessions) > 1:
+        def run(count: int) -> None:
+            for binding in bindings[count][::TRIAL_SHARE]:
+                sessions[count].run_with_iobinding(binding)
+
+        threads = fastest({count: count for count in sessions}, run, torch.device("cpu"), repeats=TRIAL_ROUNDS,
+                          margin=1.0)
+    return sessions[threads], bindings[threads]
 
 
 def _bind_tensor(bind, name: str, tensor: torch.Tensor) -> None:

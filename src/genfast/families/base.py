@@ -232,8 +232,8 @@ def check_bounds(config: Any, where: str = "config") -> None:
 class FixedPart:
     """The part of a looping network that runs with the same shapes on every call (for a
     given batch size), which compile, cudagraph and onnx replace with a faster equivalent.
-    Every fixed part also offers `exported()` (an `Exported`), for engines that hand it to
-    another runtime."""
+    A fixed pass also offers `exported()` (an `Exported`), and a recorded whole decode
+    `exported_loop()` (an `ExportedLoop`), for engines that hand it to another runtime."""
 
     name: str          # for people: "the static decoder's token step"
 
@@ -241,18 +241,37 @@ class FixedPart:
 @dataclass
 class Exported:
     """A fixed part as a pure function, for an engine that exports it (onnx): `module` maps
-    (*inputs, *state) to (output, *writes) with no side effect; `state` are the part's live
-    buffers (its cache), read by every call; `commit(inputs, writes)` stores one call's
-    writes in them, so the part's own code (a prefill, say) and the exported calls share
-    one state. `dynamic_shapes` marks the batch axes for torch.export, so one export
-    serves every batch size; parts with equal `key` compute the same function."""
+    its inputs to its outputs with no side effect. `dynamic_shapes` marks the axes that
+    vary (the batch, a length) for torch.export, so one export serves every batch size;
+    parts with equal `key` compute the same function."""
 
     module: nn.Module
     example: tuple[torch.Tensor, ...]   # inputs of one call, for tracing
-    state: tuple[torch.Tensor, ...]
-    commit: Callable[[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]], None]
     dynamic_shapes: tuple  # torch.export's dynamic_shapes for module(*example) (a *args parameter takes one entry)
     key: tuple
+
+
+@dataclass
+class LoopPlan:
+    """A loop's buffers for one batch size, as the calls see them: every call's inputs and
+    outputs, in order, are contiguous views of buffers the plan owns (a call's output is a
+    later call's input), so an engine binds each call once and replays the loop with no
+    copy between calls. `load(*arguments)` copies one loop's arguments into the buffers;
+    `result()` reads its output from them (a copy)."""
+
+    calls: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]
+    load: Callable[..., None]
+    result: Callable[[], torch.Tensor]
+
+
+@dataclass
+class ExportedLoop:
+    """A recorded part (a whole decode of fixed length) as calls of one exported function,
+    `call`, chained through the buffers of `plan(batch size)`: what an engine that cannot
+    record a loop (ONNX Runtime) replays instead, as a CUDA graph replays its recording."""
+
+    call: Exported
+    plan: Callable[[int], LoopPlan]
 
 
 Wrap = Callable[[nn.Module], Callable[..., torch.Tensor]]  # an engine's wrapper of a fixed part

@@ -12,6 +12,8 @@ image tokens, and counts its forward passes (what a speed-up must cut):
               torch.compile and CUDA graphs need (the LlamaGen / gpt-fast recipe). The
               step draws its token too (`SampledStep`: guidance, temperature, top-k and
               the inverse-CDF draw), so a compiled step is one program per token.
+              For export, the whole decode is offered as the chained calls of one pure
+              function (`static_loop`), which onnx replays with no copy between calls.
 - `jacobi`:   speculative Jacobi decoding (Teng et al., ICLR 2025): all positions drafted
               at once, each pass checks the drafts left to right with the speculative
               sampling test, min(1, p/q), keeps the accepted run, and redrafts the rest.
@@ -45,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genfast.families.ar.model import ARNet, Step
-from genfast.families.base import Exported
+from genfast.families.base import Exported, ExportedLoop, LoopPlan
 
 
 @dataclass
@@ -118,77 +120,112 @@ class SampledStep(nn.Module):
     def forward(self, tokens: torch.Tensor, position: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         return draw(guided_probs(self.step(tokens, position), self.options, self.guided), uniforms)
 
-    def exported(self) -> Exported:
-        """This step as a pure function over its cache (PureStep), for an exporting engine:
-        its cache's layers are the state, and a call's keys and values for its position are
-        written into them (one slice copy each), so the prefill, which runs here, and the
-        exported calls share the cache. One export serves every batch size."""
-        net, cache = self.step.net, self.step.cache
-        batch = torch.export.Dim("batch", min=1)
-        rows = 2 * batch if self.guided else batch
-        layer_shape = cache.keys.shape[2:]  # (heads, length, head dim)
-        example_rows = 4 if self.guided else 2  # torch.export specialises on a batch of 1
-        example = (torch.zeros(example_rows, 1, dtype=torch.long, device=cache.keys.device),
-                   torch.tensor([net.prefix_tokens], device=cache.keys.device),
-                   torch.full((2,), 0.5, device=cache.keys.device),
-                   *[cache.keys.new_zeros(example_rows, *layer_shape) for _ in range(2 * net.layers)])
 
-        def commit(inputs: tuple[torch.Tensor, ...], writes: tuple[torch.Tensor, ...]) -> None:
-            # A slice's copy: index_copy_ took ~130 us a call at batch 64 (it indexes every row).
-            position = int(inputs[1])
-            cache.keys.narrow(3, position, 1).copy_(writes[0])
-            cache.values.narrow(3, position, 1).copy_(writes[1])
-
-        return Exported(PureStep(net, self.options), example, (*cache.keys.unbind(), *cache.values.unbind()), commit,
-                        ({0: rows}, {}, {0: batch}, ({0: rows},) * (2 * net.layers)),  # *cache: one entry
-                        ("step", dataclasses.astuple(self.options)))
-
-
-class PureStep(nn.Module):
-    """SampledStep's computation written for export, with no side effect: (tokens (rows,
-    1), position (1,), uniforms (B,), *keys, *values (one (rows, heads, length, head dim)
-    per layer)) -> (next tokens (B,), the position's keys and values (layers, rows, heads,
-    1, head dim)). The same arithmetic as Block and Attention for one token, arranged for
-    fewer ONNX nodes: 2-D activations (a Linear becomes one Gemm), heads split by one
-    reshape (one token needs no transpose), and the new key and value attended beside the
-    cache instead of written into a copy of it (a `where` over the whole cache cost 1.2 ms
-    a layer at batch 64 in ONNX Runtime, more than the layer's matrix products). Only the
-    cache's slots before the position are read (a slice whose length is the position's
-    value, which torch.export keeps symbolic): no mask, and on average half the cache read
-    that attending every slot costs, which is what batch 64's attention is bound by. The
-    tests hold it to the eager static step's tokens."""
+class DecodeCall(nn.Module):
+    """One call of the static decode written for export, with no side effect, so that the
+    whole decode is P + T - 1 calls of one function (`static_loop`): (tokens (B,), position
+    (1,), uniforms (B,), prefix row (rows, width), *keys, *values) -> (the next tokens (B,),
+    *the position's keys, *its values (rows, heads, 1, head dim) per layer). Each layer's
+    cache is passed as the slots written so far, (written, rows, heads, head dim): stored
+    position-major, those are the first `written` slots of its buffer, so a runtime reads
+    them in place (ONNX Runtime binds the prefix of the buffer) and writes the position's
+    keys and values straight into its slot: no copy, no mask and no slice in the graph.
+    The condition's positions take their input from the prefix row, the others from the
+    token (the previous call's output), so the prefill is calls of the same function.
+    The same arithmetic as Block and Attention for one token, in 2-D activations (a Linear
+    is one Gemm), the new key and value attended beside the cache instead of written into
+    a copy of it. The tests hold it to the eager static decoder's tokens."""
 
     def __init__(self, net: ARNet, options: Options):
         super().__init__()
         self.net, self.options, self.guided = net, options, options.cfg != 1.0
 
-    def forward(self, tokens: torch.Tensor, position: torch.Tensor, uniforms: torch.Tensor, *cache: torch.Tensor):
-        net, rows = self.net, tokens.shape[0]
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor, uniforms: torch.Tensor,
+                prefix_row: torch.Tensor, *cache: torch.Tensor):
+        net, rows = self.net, prefix_row.shape[0]
         heads, head_dim = net.heads, net.width // net.heads
         keys, values = cache[:net.layers], cache[net.layers:]
-        x = net.wte(tokens[:, 0]) + net.wpe(position)  # (rows, width)
-        # The cache's slots before this token's (its own slot is not written yet): a prefix
-        # of at least the condition's, read from the position (a host read, in export a size).
-        written = position.item()
-        torch._check(written >= net.prefix_tokens)
-        torch._check(written < net.prefix_tokens + net.sequence_length)
+        token_rows = torch.cat([tokens, tokens]) if self.guided else tokens
+        x = torch.where(position < net.prefix_tokens, prefix_row, net.wte(token_rows)) + net.wpe(position)
         scale = head_dim ** -0.5
         new_keys, new_values = [], []
         for block, layer_keys, layer_values in zip(net.blocks, keys, values):
-            layer_keys, layer_values = layer_keys[:, :, :written], layer_values[:, :, :written]
-            qkv = block.attn.qkv(block.ln1(x)).view(rows, 3, heads, 1, head_dim)
-            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-            # Attention over [the cache before this token, this token]: the same weights as over
-            # the cache with this token written into its slot, without copying the cache.
-            scores = torch.cat([q @ layer_keys.transpose(-1, -2) * scale, (q * k).sum(-1, True) * scale], -1)
-            weights = scores.softmax(-1)
-            attended = weights[..., :-1] @ layer_values + weights[..., -1:] * v
+            # (rows, heads, 1, hd) each, in two nodes (a view and unbind made seven).
+            q, k, v = block.attn.qkv(block.ln1(x)).reshape(rows, 3 * heads, 1, head_dim).split(heads, 1)
+            # Attention over [the written slots, this token]: the same weights as over the cache
+            # with this token written into its slot.
+            scores = torch.cat([q @ layer_keys.permute(1, 2, 3, 0), (q * k).sum(-1, keepdim=True)], -1)
+            cached, own = (scores * scale).softmax(-1).split([layer_keys.shape[0], 1], -1)
+            attended = cached @ layer_values.permute(1, 2, 0, 3) + own * v
             x = x + block.attn.proj(attended.reshape(rows, net.width))
             x = x + block.mlp(block.ln2(x))
             new_keys.append(k)
             new_values.append(v)
         probs = guided_probs(net.head(net.ln_f(x)), self.options, self.guided)
-        return draw(probs, uniforms), torch.stack(new_keys), torch.stack(new_values)
+        return draw(probs, uniforms), *new_keys, *new_values
+
+
+def static_loop(net: ARNet, options: Options) -> ExportedLoop:
+    """The static decode as calls of one exported DecodeCall, chained through buffers: call c
+    (positions 0 .. P + T - 2) reads the prefix row c (c < P) or token c - P, and the slots
+    before c; writes slot c and, from the condition's last position on, token c - P + 1
+    drawn with that token's uniforms. The same tokens as `static`, in P + T - 1 calls of
+    one shape each (the eager prefill is one pass of P positions)."""
+    guided = options.cfg != 1.0
+    heads, head_dim, length = net.heads, net.width // net.heads, net.prefix_tokens + net.sequence_length
+    batch, written = torch.export.Dim("batch", min=1), torch.export.Dim("written", min=0, max=length - 1)
+    rows = 2 * batch if guided else batch
+    example_batch = 2  # torch.export specialises on a batch of 1
+    example_rows = 2 * example_batch if guided else example_batch
+    like = dict(device=net.null.device, dtype=net.null.dtype)
+    example = (torch.zeros(example_batch, dtype=torch.long, device=net.null.device),
+               torch.tensor([net.prefix_tokens + 3], device=net.null.device),
+               torch.full((example_batch,), 0.5, device=net.null.device), torch.zeros(example_rows, net.width, **like),
+               *[torch.zeros(5, example_rows, heads, head_dim, **like) for _ in range(2 * net.layers)])
+    shapes = ({0: batch}, {}, {0: batch}, {0: rows}, ({0: written, 1: rows},) * (2 * net.layers))  # *cache: one entry
+    call = Exported(DecodeCall(net, options), example, shapes, ("static loop", dataclasses.astuple(options)))
+    return ExportedLoop(call, lambda batch_size: _static_plan(net, options, batch_size))
+
+
+def _static_plan(net: ARNet, options: Options, batch: int) -> LoopPlan:
+    """static_loop's buffers for `batch` images and every call's views of them. Normal
+    tensors even when planned under inference_mode (auto's probe), so that a loop run
+    outside it may still write them."""
+    with torch.inference_mode(False):
+        return _allocated_plan(net, options, batch)
+
+
+def _allocated_plan(net: ARNet, options: Options, batch: int) -> LoopPlan:
+    guided = options.cfg != 1.0
+    prefix_tokens, length = net.prefix_tokens, net.prefix_tokens + net.sequence_length
+    rows, heads, head_dim = (2 * batch if guided else batch), net.heads, net.width // net.heads
+    device, dtype = net.null.device, net.null.dtype
+    keys = torch.zeros(net.layers, length, rows, heads, head_dim, device=device, dtype=dtype)  # slot-major
+    values = torch.zeros_like(keys)
+    prefix = torch.zeros(prefix_tokens, rows, net.width, device=device, dtype=dtype)
+    uniforms = torch.zeros(net.sequence_length, batch, device=device)
+    tokens = torch.zeros(net.sequence_length, batch, dtype=torch.long, device=device)
+    # What the calls before the first draw read and write instead of tokens and uniforms.
+    idle_tokens, idle_uniforms = torch.zeros_like(tokens[0]), torch.zeros_like(uniforms[0])
+    idle_row, drawn_before = torch.zeros_like(prefix[0]), torch.zeros_like(tokens[0])
+    calls = []
+    for c in range(length - 1):
+        drawn = c - prefix_tokens + 1  # the token this call draws, when >= 0
+        inputs = (tokens[c - prefix_tokens] if c >= prefix_tokens else idle_tokens,
+                  torch.tensor([c], device=device), uniforms[drawn] if drawn >= 0 else idle_uniforms,
+                  prefix[c] if c < prefix_tokens else idle_row,
+                  *(layer[:c] for layer in keys), *(layer[:c] for layer in values))
+        outputs = (tokens[drawn] if drawn >= 0 else drawn_before,  # slot c as the call writes it: (rows, heads, 1, hd)
+                   *(layer[c].unsqueeze(2) for layer in keys), *(layer[c].unsqueeze(2) for layer in values))
+        calls.append((inputs, outputs))
+
+    def load(condition: torch.Tensor, noise: torch.Tensor) -> None:
+        if guided:
+            condition = torch.cat([condition, net.null_prefix(batch)])
+        prefix.copy_(condition.transpose(0, 1))
+        uniforms.copy_(noise[:, 0].T)
+
+    return LoopPlan(calls, load, lambda: tokens.T.contiguous())  # row-major, as the eager decoders give it
 
 
 class Decoder:
@@ -361,13 +398,15 @@ class Strategy:
     fixed: str | None          # its fixed-shape pass: "step" (static_step), "forward", or None (inputs grow)
     summary: str               # one line for --help
     recordable: bool = False   # the whole decode has one length and never reads a tensor's value on the host
+    exported_loop: Callable[[ARNet, Options], ExportedLoop] | None = None  # that decode as chained calls, to export
 
 
 DECODERS: dict[str, Strategy] = {
     "naive": Strategy(naive, "causal", None, "the whole sequence again for every token"),
     "kv": Strategy(kv, "causal", None, "one token a pass over a growing key/value cache"),
     "static": Strategy(static, "causal", "step", "kv over a cache of fixed size: compile and onnx wrap its step, "
-                       "cudagraph records all of it", recordable=True),
+                       "cudagraph records all of it, onnx runs it as chained calls", recordable=True,
+                       exported_loop=static_loop),
     "jacobi": Strategy(jacobi, "causal", "forward", "speculative Jacobi: all tokens drafted, checked, redrafted"),
     "parallel": Strategy(parallel, "masked", "forward", "MaskGIT: the most confident masked tokens fixed per step"),
 }

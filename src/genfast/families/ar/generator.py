@@ -4,10 +4,11 @@ pixels through the tokenizer's decoder, and the acceleration surface engines use
 The generator is a LoopNetwork (families/base.py): compile, onnx and cudagraph never
 learn which strategy it runs. They ask for its fixed-shape part, which the strategy's
 registry entry names (decoders.py): the static decoder's token step (one wrapped step
-is kept per batch size, so compiling or exporting happens once per size, and its cache
+is kept per batch size, so compiling happens once per size, and its cache
 buffers are reused), or the full-sequence pass of jacobi and parallel. A recorder asks
 for the whole decode instead, which the static decoder offers: fixed length, no wait
-on a tensor's value, so one CUDA graph holds all of it.
+on a tensor's value, so one CUDA graph holds all of it, and ONNX Runtime replays it as
+the chained calls of one exported function (decoders.static_loop).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from genfast.errors import GenfastError
 from genfast.families.ar import decoders
 from genfast.families.ar.model import ARNet
 from genfast.families.ar.tokenizer import VQVAENet
-from genfast.families.base import FixedPart, LoopNetwork, Wrap
+from genfast.families.base import ExportedLoop, FixedPart, LoopNetwork, Wrap
 
 PARTS = {"step": FixedPart("the static decoder's token step, its draw included"),
          "forward": FixedPart("the full-sequence pass"),
@@ -121,9 +122,15 @@ class _WholeDecode(nn.Module):
         super().__init__()
         self.net = generator.net  # the recorder finds the device from its parameters
         self.run_strategy = generator.run_strategy
+        self.strategy, self.options = decoders.DECODERS[generator.decode], generator.options
 
     def forward(self, prefix: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         return self.run_strategy(prefix, uniforms)[0]
+
+    def exported_loop(self) -> ExportedLoop:
+        """The same decode as chained calls of one exported function, for a runtime that
+        replays them (onnx) instead of recording this module."""
+        return self.strategy.exported_loop(self.net, self.options)
 
 
 class _Wrapped:

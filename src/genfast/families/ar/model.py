@@ -216,8 +216,7 @@ class ARNet(nn.Module):
         tokens = torch.export.Dim("tokens", min=1, max=self.sequence_length)
         example = (self.null_prefix(2).detach().clone(),
                    torch.zeros(2, self.sequence_length - 1, dtype=torch.long, device=self.null.device))
-        return Exported(self, example, (), lambda inputs, writes: None, ({0: batch}, {0: batch, 1: tokens}),
-                        ("forward",))
+        return Exported(self, example, ({0: batch}, {0: batch, 1: tokens}), ("forward",))
 
     def dynamic_step(self) -> Step:
         return Step(self, DynamicCache())
