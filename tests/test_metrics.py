@@ -176,3 +176,66 @@ def test_a_judge_saved_before_feature_norm_loads_as_it_was(tmp_path: Path):
                                           modules={"classifier": net.state_dict()}), path)
     judge = metrics.load_judge("mnist", str(path))
     assert isinstance(judge.net.feature_norm, torch.nn.Identity)
+
+
+def brightness_sampler(obedient: bool = True) -> genfast.Sampler:
+    """A stand-in text model of Fashion-MNIST that draws a grey square, lighter for a prompt with a
+    "light" word and darker for a "dark" one (or the other way round when not obedient); no other
+    word changes its images."""
+    from genfast import corpus
+
+    words = corpus.ADJECTIVES["fashion-mnist"]["brightness"]
+    light, dark = [w.train + w.held_out for w in (words["high"], words["low"])]
+
+    def encode(prompt: str) -> torch.Tensor:
+        said = set(prompt.replace(",", " ").split())
+        direction = 1.0 if said & set(light) else -1.0 if said & set(dark) else 0.0
+        return torch.tensor([[direction if obedient else -direction]])
+
+    def draw(noise: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        intensity = 0.6 + 0.2 * condition[:, 0] + 0.02 * noise[:, 0].tanh()  # each image its own grey
+        pixels = torch.full((len(noise), 1, 28, 28), -1.0)
+        pixels[:, :, 7:21, 7:21] = (2 * intensity - 1)[:, None, None, None]
+        return pixels
+
+    return genfast.Sampler(draw, noise_shape=(1,), image_shape=(1, 28, 28),
+                           class_names=data.DATASETS["fashion-mnist"].class_names, info={"dataset": "fashion-mnist"},
+                           encode_prompt=encode)
+
+
+class SeesClassZero:
+    """A judge that calls every image class 0: the accuracy of each kind of prompt is then the share of
+    its prompts that are of class 0."""
+
+    def embed(self, batches, total, desc, progress=True):
+        pixels = torch.cat(list(batches))
+        return torch.zeros(len(pixels), 1), torch.zeros(len(pixels), dtype=torch.long)
+
+
+def test_attribute_agreement_follows_the_words_the_images_obey(monkeypatch):
+    from genfast import attributes
+
+    gaps = {name: torch.ones(10) for name in attributes.ATTRIBUTES} | {"brightness": torch.full((10,), 0.1)}
+    thresholds = attributes.Thresholds(low={name: torch.zeros(10) for name in gaps}, high=gaps)
+    monkeypatch.setattr(attributes, "training_thresholds", lambda dataset: thresholds)  # no data set needed
+    monkeypatch.setattr(metrics, "load_judge", lambda *args: SeesClassZero())
+
+    result = metrics.prompt_accuracy(brightness_sampler(), per_prompt=3, progress=False)
+    kinds = ("train_phrasings", "held_out_phrasings", "corpus_held_out", "corpus_held_out_attributes")
+    assert [len(result[k]["per_prompt"]) for k in kinds] == [50, 10, 20, 80]
+    assert [result[k]["accuracy"] for k in kinds] == pytest.approx([0.1] * 4)  # one class in ten
+    agreement = result["attribute_agreement"]
+    assert {name: a["agreement"] for name, a in agreement["per_attribute"].items()} == {
+        "area": 0.5, "width": 0.5, "brightness": 1.0, "texture": 0.5}  # the other words change nothing: ties
+    assert agreement["agreement"] == (10 * 1.0 + 30 * 0.5) / 40
+    assert agreement["per_attribute"]["brightness"]["shift"] == pytest.approx(0.4 / 0.1, rel=1e-4)
+    assert agreement["per_attribute"]["area"]["shift"] == 0
+    pair = next(p for p in agreement["pairs"] if p["attribute"] == "brightness")
+    assert pair["high_mean"] - pair["low_mean"] == pytest.approx(0.4, abs=1e-4)
+
+    contrary = metrics.prompt_accuracy(brightness_sampler(obedient=False), per_prompt=3, progress=False)
+    assert contrary["attribute_agreement"]["per_attribute"]["brightness"]["agreement"] == 0.0
+    # The same seed judges the same prompts; another seed picks others.
+    assert contrary["corpus_held_out"]["per_prompt"].keys() == result["corpus_held_out"]["per_prompt"].keys()
+    other = metrics.prompt_accuracy(brightness_sampler(), per_prompt=3, seed=1, progress=False)
+    assert other["corpus_held_out"]["per_prompt"].keys() != result["corpus_held_out"]["per_prompt"].keys()

@@ -13,6 +13,9 @@ import warnings
 from pathlib import Path
 
 from genfast import bench, bulk, checkpoint, data, distributed, engines, images, memory, metrics, pretrained, seeding
+from genfast.attributes import measure as measure_attributes
+from genfast.corpus import DATASETS as CAPTIONED_DATASETS
+from genfast.corpus import captions_for
 from genfast.devices import resolve_device
 from genfast.engines import auto
 from genfast.engines.onnx import export
@@ -228,10 +231,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if "accuracy" in result:
         print(f"| class accuracy | {result['accuracy']:.4f} | {result['real_accuracy']:.4f} (test split) |")
         print("per class: " + ", ".join(f"{name} {acc:.3f}" for name, acc in result["per_class_accuracy"].items()))
-    for kind, scores in result.get("prompt_accuracy", {}).items():
-        print(f"prompt accuracy, {kind.replace('_', ' ')}: {scores['accuracy']:.4f} "
-              f"({len(scores['per_prompt'])} prompts x {args.per_prompt} images)")
+    for line in _prompt_lines(result.get("prompt_accuracy", {}), args.per_prompt):
+        print(line)
     _write_json(args.json, result)
+
+
+def _prompt_lines(scores: dict, per_prompt: int) -> list[str]:
+    """eval's lines for a text model: prompt accuracy per kind of prompt, then attribute agreement."""
+    lines = [f"prompt accuracy, {kind.replace('_', ' ')}: {kind_scores['accuracy']:.4f} "
+             f"({len(kind_scores['per_prompt'])} prompts x {per_prompt} images)"
+             for kind, kind_scores in scores.items() if "accuracy" in kind_scores]
+    if "attribute_agreement" in scores:
+        agreement = scores["attribute_agreement"]
+        each = ", ".join(f"{name} {a['agreement']:.2f}" for name, a in agreement["per_attribute"].items())
+        lines.append(f"attribute agreement, held-out pairs: {agreement['agreement']:.4f} "
+                     f"({len(agreement['pairs'])} pairs x {per_prompt} images; {each}; 0.5 = words ignored)")
+    return lines
 
 
 def _write_json(path: Path | None, result: dict) -> None:
@@ -365,6 +380,22 @@ def cmd_data_download(args: argparse.Namespace) -> None:
     print(f"downloaded {args.name} into {path}")
 
 
+def cmd_data_captions(args: argparse.Namespace) -> None:
+    """The corpus's captions of a split's first n images (words against the training split's thresholds)."""
+    split = data.load(args.name, args.split)
+    pixels, labels = split.images[:args.n], split.labels[:args.n]
+    captions = captions_for(args.name, pixels, labels, args.seed, "held_out" if args.held_out else "train")
+    if not args.json:
+        for index, (label, caption) in enumerate(zip(labels.tolist(), captions)):
+            print(f"{index}\t{split.class_names[label]}\t{caption}")
+        return
+    measured = measure_attributes(pixels)
+    rows = [{"index": index, "class": split.class_names[label], "caption": caption,
+             "attributes": {name: round(float(values[index]), 4) for name, values in measured.items()}}
+            for index, (label, caption) in enumerate(zip(labels.tolist(), captions))]
+    print(json.dumps(rows, indent=2))
+
+
 # --- the parser -----------------------------------------------------------------------------------
 
 def _options(*adders) -> _Parser:
@@ -479,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     p.add_argument("--classifier", help="feature network (default: the shipped classifier of the data set)")
     p.add_argument("--per-prompt", type=_positive, default=50,
-                   help="ar-text models: images per prompt for the prompt accuracy")
+                   help="ar-text models: images per prompt for the prompt accuracy and attribute agreement "
+                        "(default 50; 140 to 160 prompts)")
     p.add_argument("--batch-size", type=_positive, default=500)
     p.set_defaults(run=cmd_eval)
 
@@ -565,6 +597,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name", choices=sorted(data.DATASETS))
     q.add_argument("--url", help="base URL of a mirror holding the official file names")
     q.set_defaults(run=cmd_data_download)
+    q = data_commands.add_parser("captions", help="captions of a split's first images, from their labels and "
+                                                  "measured attributes (the text models' caption corpus)",
+                                 parents=[_options(_seed_option)])
+    q.add_argument("name", choices=CAPTIONED_DATASETS)
+    q.add_argument("-n", type=_positive, default=10, help="number of images (default 10)")
+    q.add_argument("--split", choices=data.SPLITS, default="train", help="whose images (default train)")
+    q.add_argument("--held-out", action="store_true",
+                   help="in the corpus's held-out words and templates (what eval prompts with), not the training ones")
+    q.add_argument("--json", action="store_true", help="one JSON list, with each image's measured attributes")
+    q.set_defaults(run=cmd_data_captions)
     return parser
 
 

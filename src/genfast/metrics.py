@@ -13,11 +13,17 @@ RMS, a constant per data set); torchmetrics then computes FID and KID from them
 lets the bootstrap below reuse the same features instead of running the network
 again. Every number is printed beside the same metric for real training images
 against the test split, which gives it a scale.
+
+A text-conditioned model is also judged on prompts (`prompt_accuracy`): whether the
+judge finds the prompt's class in its images, for phrasings it was trained on and for
+held-out ones (the caption corpus's, corpus.py), and whether attribute words move the
+attribute they name, measured from the pixels (attributes.py).
 """
 
 from __future__ import annotations
 
 import math
+import random
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from genfast import checkpoint, data, images, pretrained, seeding
+from genfast import attributes, checkpoint, corpus, data, images, pretrained, seeding
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import Sampler
@@ -38,6 +44,7 @@ warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` wi
 
 BOOTSTRAP_ROUNDS = 10
 KID_SUBSET = 1000
+CORPUS_PROMPTS_PER_CLASS = 2  # class-only held-out prompts judged per class (of 18)
 
 
 class PassThrough(nn.Module):
@@ -245,25 +252,91 @@ def evaluate(sampler: Sampler, n: int = 10_000, seed: int = 0, batch_size: int =
 
 def prompt_accuracy(sampler: Sampler, per_prompt: int = 50, seed: int = 0, classifier: str | None = None,
                     device: str = "cpu", progress: bool = True) -> dict:
-    """For a text-conditioned model: the share of images made from a prompt that the judge
-    puts in the class the prompt describes, over the training phrasings and over held-out
-    phrasings never seen in training (text.HELD_OUT), overall and per prompt."""
+    """For a text-conditioned model: the share of images made from a prompt that the judge puts
+    in the class the prompt describes, overall and per prompt, for
+    - "train_phrasings": the phrasings the model was trained on (text.captions);
+    - "held_out_phrasings": text.HELD_OUT, one phrasing per class never seen in training;
+    - "corpus_held_out": CORPUS_PROMPTS_PER_CLASS class-only prompts per class of the caption
+      corpus's held-out split (corpus.py), picked by `seed`;
+    - "corpus_held_out_attributes": the prompts of the attribute pairs below;
+    and "attribute_agreement" (see `_agreement`) over corpus.attribute_pairs: for every class and
+    attribute with words, a held-out prompt with its "low" word and the same prompt with its
+    "high" word ("a snapshot of a black dress" / "... white dress"). per_prompt images each, all
+    from the same noise of `seed`, so that within a pair only the word differs. The corpus's
+    kinds are there for the data sets it speaks of (Fashion-MNIST, MNIST)."""
     dataset = sampler.info["dataset"]
     judge = load_judge(dataset, classifier, device, sampler.image_shape)
     result = {}
     for kind, phrasings in (("train_phrasings", text.captions(dataset, sampler.class_names)),
                             ("held_out_phrasings", text.HELD_OUT.get(dataset, []))):
-        per_prompt_accuracy, correct = {}, 0
         prompts = [(index, prompt) for index, prompts in enumerate(phrasings) for prompt in prompts]
-        for index, prompt in tqdm(prompts, desc=f"prompts: {kind.replace('_', ' ')}", disable=not progress):
-            pixels = sampler.generate(per_prompt, seed, condition=sampler.prompt_condition(prompt, per_prompt))
-            _, predicted = judge.embed([pixels], per_prompt, "", progress=False)
-            hits = int((predicted == index).sum())
-            per_prompt_accuracy[prompt] = hits / per_prompt
-            correct += hits
         if prompts:
-            result[kind] = {"accuracy": correct / (per_prompt * len(prompts)), "per_prompt": per_prompt_accuracy}
+            result[kind] = _accuracy(_made_from(sampler, judge, prompts, per_prompt, seed, kind, progress))
+    if dataset not in corpus.DATASETS or len(corpus.NOUNS[dataset]) != sampler.num_classes:
+        return result
+    pick = random.Random(f"genfast-eval-prompts-{seed}")
+    prompts = [(index, prompt) for index, per_class in enumerate(corpus.class_prompts(dataset, "held_out"))
+               for prompt in pick.sample(per_class, CORPUS_PROMPTS_PER_CLASS)]
+    result["corpus_held_out"] = _accuracy(_made_from(sampler, judge, prompts, per_prompt, seed, "corpus_held_out",
+                                                     progress))
+    pairs = corpus.attribute_pairs(dataset, seed, "held_out")
+    made = _made_from(sampler, judge, [(p.label, prompt) for p in pairs for prompt in (p.low, p.high)], per_prompt,
+                      seed, "corpus_held_out_attributes", progress)
+    result["corpus_held_out_attributes"] = _accuracy(made)
+    result["attribute_agreement"] = _agreement(pairs, made, attributes.training_thresholds(dataset))
     return result
+
+
+@dataclass
+class _Made:
+    """What per_prompt images of one prompt came to: the judge's hits and the images' attributes."""
+
+    prompt: str
+    hits: float  # share of the images the judge puts in the prompt's class
+    measured: dict[str, torch.Tensor]
+
+
+def _made_from(sampler: Sampler, judge: Judge, prompts: list[tuple[int, str]], per_prompt: int, seed: int,
+               kind: str, progress: bool) -> list[_Made]:
+    made = []
+    for index, prompt in tqdm(prompts, desc=f"prompts: {kind.replace('_', ' ')}", disable=not progress):
+        pixels = sampler.generate(per_prompt, seed, condition=sampler.prompt_condition(prompt, per_prompt))
+        _, predicted = judge.embed([pixels], per_prompt, "", progress=False)
+        made.append(_Made(prompt, float((predicted == index).double().mean()), attributes.measure(pixels)))
+    return made
+
+
+def _accuracy(made: list[_Made]) -> dict:
+    return {"accuracy": sum(m.hits for m in made) / len(made), "per_prompt": {m.prompt: m.hits for m in made}}
+
+
+def _agreement(pairs: list[corpus.AttributePair], made: list[_Made], thresholds: attributes.Thresholds) -> dict:
+    """Whether a word moves the attribute it names: a pair agrees (1) when the mean measured attribute of
+    the "high" prompt's images is above that of the "low" prompt's, disagrees (0) when below, and counts
+    1/2 on a tie; "agreement" is the share over all pairs (1/2: the words are ignored), also per attribute.
+
+    Pairs rather than per-image thresholds because a prompt asks for a direction, not a third of the
+    training spread: a model that makes "a black dress" darker than "a white dress" honours the
+    words even where all its dresses are darker than the training ones. How far they move is in
+    "shift": the difference of the two means over the gap between the class's training terciles
+    (1: as far apart as the lower and the upper third of the real images begin)."""
+    rows = []
+    for pair, low, high in zip(pairs, made[0::2], made[1::2]):
+        low_mean = float(low.measured[pair.attribute].mean())
+        high_mean = float(high.measured[pair.attribute].mean())
+        gap = float(thresholds.high[pair.attribute][pair.label] - thresholds.low[pair.attribute][pair.label])
+        rows.append({"label": pair.label, "attribute": pair.attribute, "low": pair.low, "high": pair.high,
+                     "low_mean": low_mean, "high_mean": high_mean,
+                     "agrees": 1.0 if high_mean > low_mean else 0.0 if high_mean < low_mean else 0.5,
+                     "shift": (high_mean - low_mean) / gap if gap > 0 else None})
+    per_attribute = {}
+    for name in dict.fromkeys(row["attribute"] for row in rows):
+        mine = [row for row in rows if row["attribute"] == name]
+        shifts = [row["shift"] for row in mine if row["shift"] is not None]
+        per_attribute[name] = {"agreement": sum(row["agrees"] for row in mine) / len(mine),
+                               "shift": sum(shifts) / len(shifts) if shifts else None}
+    return {"agreement": sum(row["agrees"] for row in rows) / len(rows), "per_attribute": per_attribute,
+            "pairs": rows}
 
 
 def evaluate_reconstructions(name_or_path: str, batch_size: int = 500, seed: int = 0, classifier: str | None = None,
