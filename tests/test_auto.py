@@ -324,6 +324,7 @@ def test_a_kv_model_is_decided_over_the_static_decode_which_draws_its_tokens(cac
     assert sampler.module.decode == "kv"
     fast, choice = auto.resolve(sampler, 4, engines.apply, budget_s=120)
     assert choice.decision.about["settings"]["decode"] == "static" and choice.decision.trial("onnx").kept
+    assert choice.line().startswith(f"auto: {choice.engine} (decoding static, kv's tokens; ")
     assert fast.module.decode == "static"
     noise, labels = sampler.noise(4, 2), sampler.labels(4)
     assert torch.equal(fast(noise, labels), sampler(noise, labels))

@@ -233,7 +233,16 @@ def resolve(sampler: Sampler, batch_size: int, apply: Apply, n: int | None = Non
         raise GenfastError(f"batch size must be at least 1, got {batch_size}")
     if sampler.module is None:
         return apply(sampler, "eager"), Choice("eager", "this sampler has no network for engines to wrap")
-    sampler = _with_fixed_shapes(sampler)
+    decoding = _with_fixed_shapes(sampler)
+    fast, choice = _resolve(decoding, batch_size, apply, n, settings, budget_s, check_fid, fresh)
+    if decoding is not sampler:
+        decode, fixed = sampler.module.decode, decoding.module.decode
+        choice = dataclasses.replace(choice, why=f"decoding {fixed}, {decode}'s tokens; {choice.why}")
+    return fast, choice
+
+
+def _resolve(sampler: Sampler, batch_size: int, apply: Apply, n: int | None, settings: dict | None,
+             budget_s: float | None, check_fid: int, fresh: bool) -> tuple[Sampler, Choice]:
     size = bucket(batch_size)
     path, facts = cache_path(), _facts(sampler, settings)
     key, model_key = _digest(facts | {"batch": size}), _digest(facts)
