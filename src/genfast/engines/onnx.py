@@ -183,28 +183,25 @@ class PartRuntime:
         self.sessions: dict[tuple, dict[int, object]] = {}
 
     def __call__(self, part) -> ExportedCall:
-        exported = part.exported()
+        return ExportedCall(self.sessions_of(part.exported()))
+
+    def sessions_of(self, exported: Exported) -> dict[int, object]:
         if exported.key not in self.sessions:
             self.sessions[exported.key] = _part_sessions(exported)
-        return ExportedCall(self.sessions[exported.key])
+        return self.sessions[exported.key]
 
 
-class LoopRuntime:
+class LoopRuntime(PartRuntime):
     """The onnx engine's recorder of a looping network's whole decode (the static decoder's:
     families/base.py `ExportedLoop`): its one function exported once per distinct loop (its
-    `key`), and replayed per batch size as the loop's calls, each bound once to its views of
-    the loop's buffers (ReplayedLoop). Why: a call costs ONNX Runtime's run alone, where the
-    step wrapped on its own (PartRuntime's way) also paid PyTorch's copies of its inputs, of
-    its cache writes and of its output, and an eager prefill, ~40% of a batch-1 decode."""
-
-    def __init__(self):
-        self.sessions: dict[tuple, dict[int, object]] = {}
+    `key`), and replayed per batch bucket as the loop's calls, each bound once to its views
+    of the loop's buffers (ReplayedLoop). Why: a call costs ONNX Runtime's run alone, where
+    the step wrapped on its own also paid PyTorch's copies of its inputs, of its cache writes
+    and of its output, and an eager prefill, ~40% of a batch-1 decode."""
 
     def __call__(self, part) -> ReplayedLoop:
         loop = part.exported_loop()
-        if loop.call.key not in self.sessions:
-            self.sessions[loop.call.key] = _part_sessions(loop.call)
-        return ReplayedLoop(loop, self.sessions[loop.call.key])
+        return ReplayedLoop(loop, self.sessions_of(loop.call))
 
 
 def _part_sessions(exported: Exported) -> dict[int, object]:

@@ -187,15 +187,10 @@ def static_loop(net: ARNet, options: Options) -> ExportedLoop:
     return ExportedLoop(call, lambda batch_size: _static_plan(net, options, batch_size))
 
 
+@torch.inference_mode(False)  # normal tensors, also when planned in inference_mode (auto's probe)
 def _static_plan(net: ARNet, options: Options, batch: int) -> LoopPlan:
-    """static_loop's buffers for `batch` images and every call's views of them. Normal
-    tensors even when planned under inference_mode (auto's probe), so that a loop run
-    outside it may still write them."""
-    with torch.inference_mode(False):
-        return _allocated_plan(net, options, batch)
-
-
-def _allocated_plan(net: ARNet, options: Options, batch: int) -> LoopPlan:
+    """static_loop's buffers for `batch` images and every call's views of them (normal
+    tensors, so that a loop run outside inference_mode may still write them)."""
     guided = options.cfg != 1.0
     prefix_tokens, length = net.prefix_tokens, net.prefix_tokens + net.sequence_length
     rows, heads, head_dim = (2 * batch if guided else batch), net.heads, net.width // net.heads
@@ -404,8 +399,8 @@ class Strategy:
 DECODERS: dict[str, Strategy] = {
     "naive": Strategy(naive, "causal", None, "the whole sequence again for every token"),
     "kv": Strategy(kv, "causal", None, "one token a pass over a growing key/value cache"),
-    "static": Strategy(static, "causal", "step", "kv over a cache of fixed size: compile and onnx wrap its step, "
-                       "cudagraph records all of it, onnx runs it as chained calls", recordable=True,
+    "static": Strategy(static, "causal", "step", "kv over a cache of fixed size: compile wraps its step, cudagraph "
+                       "records all of it, onnx replays it as chained calls", recordable=True,
                        exported_loop=static_loop),
     "jacobi": Strategy(jacobi, "causal", "forward", "speculative Jacobi: all tokens drafted, checked, redrafted"),
     "parallel": Strategy(parallel, "masked", "forward", "MaskGIT: the most confident masked tokens fixed per step"),
