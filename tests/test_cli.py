@@ -271,10 +271,13 @@ def test_eval_lines_of_a_text_model():
 
     scores = {"train_phrasings": {"accuracy": 0.84, "per_prompt": dict.fromkeys("abcde", 0.84)},
               "corpus_held_out": {"accuracy": 0.445, "per_prompt": dict.fromkeys("ab", 0.445)},
-              "attribute_agreement": {"agreement": 0.625, "pairs": [{}] * 40,
-                                      "per_attribute": {"brightness": {"agreement": 1.0}, "width": {"agreement": 0.5}}}}
+              "attribute_agreement_train": {"agreement": 0.875, "pairs": [{}] * 40,
+                                            "per_attribute": {"brightness": {"agreement": 1.0}}},
+              "attribute_agreement_held_out": {"agreement": 0.625, "pairs": [{}] * 40, "per_attribute": {
+                  "brightness": {"agreement": 1.0}, "width": {"agreement": 0.5}}}}
     assert _prompt_lines(scores, 10) == [
         "prompt accuracy, train phrasings: 0.8400 (5 prompts x 10 images)",
         "prompt accuracy, corpus held out: 0.4450 (2 prompts x 10 images)",
+        "attribute agreement, train pairs: 0.8750 (40 pairs x 10 images; brightness 1.00; 0.5 = words ignored)",
         "attribute agreement, held-out pairs: 0.6250 (40 pairs x 10 images; brightness 1.00, width 0.50; "
         "0.5 = words ignored)"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import genfast
-from genfast import checkpoint, data, images, metrics
+from genfast import checkpoint, corpus, data, images, metrics
 from genfast.families.classifier import Classifier
 from genfast.pretrained import load_modules
 
@@ -221,10 +221,17 @@ def test_attribute_agreement_follows_the_words_the_images_obey(monkeypatch):
     monkeypatch.setattr(metrics, "load_judge", lambda *args: SeesClassZero())
 
     result = metrics.prompt_accuracy(brightness_sampler(), per_prompt=3, progress=False)
-    kinds = ("train_phrasings", "held_out_phrasings", "corpus_held_out", "corpus_held_out_attributes")
-    assert [len(result[k]["per_prompt"]) for k in kinds] == [50, 10, 20, 80]
-    assert [result[k]["accuracy"] for k in kinds] == pytest.approx([0.1] * 4)  # one class in ten
-    agreement = result["attribute_agreement"]
+    kinds = ("train_phrasings", "held_out_phrasings", "corpus_train", "corpus_held_out", "corpus_train_attributes",
+             "corpus_held_out_attributes")
+    assert [len(result[k]["per_prompt"]) for k in kinds] == [50, 10, 20, 20, 80, 80]
+    assert [result[k]["accuracy"] for k in kinds] == pytest.approx([0.1] * 6)  # one class in ten
+    train_words = {p for per_class in corpus.class_prompts("fashion-mnist", "train") for p in per_class}
+    assert set(result["corpus_train"]["per_prompt"]) <= train_words  # the training split's own prompts
+    assert not set(result["corpus_held_out"]["per_prompt"]) & train_words
+    train_pairs = {p for pair in result["attribute_agreement_train"]["pairs"] for p in (pair["low"], pair["high"])}
+    assert train_pairs <= {p for label in range(10) for p in corpus.phrasings("fashion-mnist", label, "train")}
+    assert result["attribute_agreement_train"]["per_attribute"]["brightness"]["agreement"] == 1.0
+    agreement = result["attribute_agreement_held_out"]
     assert {name: a["agreement"] for name, a in agreement["per_attribute"].items()} == {
         "area": 0.5, "width": 0.5, "brightness": 1.0, "texture": 0.5}  # the other words change nothing: ties
     assert agreement["agreement"] == (10 * 1.0 + 30 * 0.5) / 40
@@ -234,7 +241,7 @@ def test_attribute_agreement_follows_the_words_the_images_obey(monkeypatch):
     assert pair["high_mean"] - pair["low_mean"] == pytest.approx(0.4, abs=1e-4)
 
     contrary = metrics.prompt_accuracy(brightness_sampler(obedient=False), per_prompt=3, progress=False)
-    assert contrary["attribute_agreement"]["per_attribute"]["brightness"]["agreement"] == 0.0
+    assert contrary["attribute_agreement_held_out"]["per_attribute"]["brightness"]["agreement"] == 0.0
     # The same seed judges the same prompts; another seed picks others.
     assert contrary["corpus_held_out"]["per_prompt"].keys() == result["corpus_held_out"]["per_prompt"].keys()
     other = metrics.prompt_accuracy(brightness_sampler(), per_prompt=3, seed=1, progress=False)

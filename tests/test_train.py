@@ -207,3 +207,51 @@ def test_divergence_before_any_checkpoint_says_so(tmp_path: Path, monkeypatch):
 def test_bad_config_values_are_one_clear_error(tmp_path: Path, pair, message):
     with pytest.raises(GenfastError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         train("gan", TrainOptions(out=tmp_path, data="fake", steps=1, progress=False), preset="tiny", pairs=[pair])
+
+
+def _learned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights a step moves by its learning rate (BatchNorm's running statistics move by its momentum)."""
+    return {key: value for key, value in state.items() if "running_" not in key and "num_batches" not in key}
+
+
+def _fine_tuned(tmp_path: Path, init, name: str, pairs=("lr_g=1e-12", "lr_d=1e-12"), **kwargs):
+    """One step from `init`'s weights at a learning rate too small to move them."""
+    options = TrainOptions(out=tmp_path / name, steps=1, init=str(init), progress=False, precision="fp32",
+                           sample_every=1000, checkpoint_every=1000, **kwargs)
+    return checkpoint.load(train("gan", options, pairs=list(pairs)))
+
+
+def test_init_starts_a_new_run_from_a_models_weights_and_config(tmp_path: Path):
+    source = checkpoint.load(train_tiny(tmp_path / "source", steps=6))
+    fresh = checkpoint.load(train_tiny(tmp_path / "fresh", steps=1, seed=5))
+    tuned = _fine_tuned(tmp_path, tmp_path / "source" / "checkpoint.safetensors", "tuned", seed=5)
+    assert tuned.step == 1 and tuned.dataset["name"] == "fake"  # the init's data set and sizes, a new run
+    assert tuned.config["z_dim"] == source.config["z_dim"] and tuned.config["lr_g"] == 1e-12
+    assert tuned.extra["init"] == str(tmp_path / "source" / "checkpoint.safetensors")
+    for module in ("generator", "discriminator"):
+        for key, value in _learned(source.modules[module]).items():
+            assert torch.allclose(tuned.modules[module][key], value, atol=1e-8), (module, key)
+    assert not torch.allclose(tuned.modules["generator"]["fc.weight"], fresh.modules["generator"]["fc.weight"])
+
+
+def test_init_from_a_slim_model_starts_what_it_lacks_from_scratch(tmp_path: Path):
+    slim = pretrained.slim(train_tiny(tmp_path / "source", steps=6), tmp_path / "slim.safetensors", half=False)
+    options = TrainOptions(out=tmp_path / "fresh", data="fake", steps=1, seed=5, progress=False, precision="fp32",
+                           sample_every=1000, checkpoint_every=1000)
+    fresh = checkpoint.load(train("gan", options, preset="tiny", pairs=["lr_g=1e-12", "lr_d=1e-12"]))
+    tuned = _fine_tuned(tmp_path, slim, "tuned", seed=5)
+    assert torch.allclose(tuned.modules["generator"]["fc.weight"],
+                          checkpoint.load(slim).modules["generator"]["fc.weight"], atol=1e-8)
+    for key, value in _learned(fresh.modules["discriminator"]).items():  # what a new run of this seed starts from
+        assert torch.allclose(tuned.modules["discriminator"][key], value, atol=1e-8), key
+
+
+def test_init_refuses_what_cannot_be_a_fine_tuning_run(tmp_path: Path):
+    source = train_tiny(tmp_path / "source", steps=2)
+    with pytest.raises(GenfastError, match="a fine-tuning run keeps the model's sizes"):
+        _fine_tuned(tmp_path, source, "bigger", pairs=["z_dim=9"])
+    assert not (tmp_path / "bigger" / "checkpoint.safetensors").exists()
+    with pytest.raises(GenfastError, match="--init starts a new run .* and --resume continues a run; choose one"):
+        train("gan", TrainOptions(out=tmp_path / "source", steps=4, init=str(source), resume=True, progress=False))
+    with pytest.raises(GenfastError, match="is a 'gan' model, not 'vae'"):
+        train("vae", TrainOptions(out=tmp_path / "vae", steps=1, init=str(source), progress=False))

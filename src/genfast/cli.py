@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 
 from genfast import bench, bulk, checkpoint, data, distributed, engines, images, memory, metrics, pretrained, seeding
+from genfast import caption as captioning
+from genfast import transfer as style_transfer
 from genfast.attributes import measure as measure_attributes
 from genfast.corpus import DATASETS as CAPTIONED_DATASETS
 from genfast.corpus import captions_for
@@ -106,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                                   f"continue with --resume" if saved.exists() else "no checkpoint was written yet"),)
         raise
     options = TrainOptions(out=args.out, data=args.data, epochs=args.epochs, steps=args.steps, seed=args.seed,
-                           resume=args.resume, device=args.device, precision=args.precision,
+                           resume=args.resume, init=args.init, device=args.device, precision=args.precision,
                            sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
                            log_every=args.log_every, log=args.log, progress=not args.quiet,
                            sync_batchnorm=args.sync_bn)
@@ -204,6 +206,37 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote a grid of {what} to {out}")
 
 
+def cmd_transfer(args: argparse.Namespace) -> None:
+    out: Path = images.check_name(args.out)
+    as_folder = out.is_dir() or not out.suffix
+    if not as_folder and out.suffix.lower() != ".png":
+        raise GenfastError(f"--out {out}: give a .png file for a grid or a folder for one PNG per image")
+    # Every input is checked before anything is written (even a folder).
+    model = style_transfer.load(args.model, device=args.device, cfg=args.cfg)
+    targets = model.targets(args.to)
+    sources = style_transfer.read_sources(args.sources, model, args.n, args.seed)
+    strength = model.checked_strength(args.strength)
+    shown = len(sources.names) * (1 + len(targets))
+    if not as_folder and shown > images.MAX_GRID:
+        raise GenfastError(f"a grid holds at most {images.MAX_GRID:,} images ({shown:,} with the sources); for more, "
+                           "give --out a folder (one PNG per image)")
+    for path in (args.json, out / "x.png" if as_folder else out):
+        if path:
+            images.writable_target(path)
+    result = model.run(sources, targets, strength, args.seed, args.batch_size)
+    at = "" if strength is None else f" at strength {strength:g}"
+    if as_folder:
+        paths = style_transfer.save_folder(result, out)
+        print(f"wrote {len(sources.names) * len(targets)} images ({len(sources.names)} sources x {len(targets)} "
+              f"targets{at}) to {out}/")
+    else:
+        paths = None
+        style_transfer.save_grid(result, out)
+        print(f"wrote a grid of {len(sources.names)} sources (first column) x {len(targets)} targets{at} to {out}")
+    if args.json:
+        _write_json(args.json, style_transfer.listing(result, model, None if as_folder else out, paths))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:  # fail before minutes of work, not after
         images.writable_target(args.json)
@@ -211,13 +244,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if not family.generative and family.reconstructs:  # a tokenizer (vqvae)
         _eval_tokenizer(args)
         return
+    if not family.generative:  # a classifier, a captioner, a clip model: judged on the test split itself
+        _eval_held_out(args)
+        return
     sampler = engines.apply(pretrained.load(args.model, device=args.device, decode=args.decode, cfg=args.cfg),
                             args.engine)
+    if args.clip and not sampler.takes_prompts:
+        raise GenfastError(f"--clip scores a text-conditioned model's prompts; {args.model} takes none")
+    clip_name = args.clip or (metrics.default_clip(sampler.info["dataset"]) if sampler.takes_prompts else None)
+    clip = metrics.load_clip(clip_name, sampler, args.device) if clip_name else None
     result = metrics.evaluate(sampler, n=args.n, seed=args.seed, batch_size=args.batch_size,
                               classifier=args.classifier, device=args.device, progress=not args.quiet)
     if sampler.takes_prompts:
         result["prompt_accuracy"] = metrics.prompt_accuracy(sampler, args.per_prompt, args.seed, args.classifier,
                                                             args.device, progress=not args.quiet)
+        if clip:  # the prompts just judged, scored in the clip model's space too
+            judged = {kind: list(kind_scores["per_prompt"]) for kind, kind_scores in result["prompt_accuracy"].items()
+                      if "per_prompt" in kind_scores}
+            result["clip_score"] = metrics.clip_score(sampler, judged, clip, args.per_prompt, args.seed,
+                                                      progress=not args.quiet)
     print(f"{args.model} ({args.engine} engine) on {result['dataset']} ({result['data_source']}), "
           f"judged by {result['classifier']} ({result['classifier_dead_features']:.0%} of its features dead)")
     copies = result["n"] - result["distinct_images"]
@@ -233,6 +278,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print("per class: " + ", ".join(f"{name} {acc:.3f}" for name, acc in result["per_class_accuracy"].items()))
     for line in _prompt_lines(result.get("prompt_accuracy", {}), args.per_prompt):
         print(line)
+    for line in _clip_lines(result.get("clip_score")):
+        print(line)
     _write_json(args.json, result)
 
 
@@ -241,12 +288,22 @@ def _prompt_lines(scores: dict, per_prompt: int) -> list[str]:
     lines = [f"prompt accuracy, {kind.replace('_', ' ')}: {kind_scores['accuracy']:.4f} "
              f"({len(kind_scores['per_prompt'])} prompts x {per_prompt} images)"
              for kind, kind_scores in scores.items() if "accuracy" in kind_scores]
-    if "attribute_agreement" in scores:
-        agreement = scores["attribute_agreement"]
-        each = ", ".join(f"{name} {a['agreement']:.2f}" for name, a in agreement["per_attribute"].items())
-        lines.append(f"attribute agreement, held-out pairs: {agreement['agreement']:.4f} "
-                     f"({len(agreement['pairs'])} pairs x {per_prompt} images; {each}; 0.5 = words ignored)")
+    for split in ("train", "held_out"):
+        if agreement := scores.get(f"attribute_agreement_{split}"):
+            each = ", ".join(f"{name} {a['agreement']:.2f}" for name, a in agreement["per_attribute"].items())
+            lines.append(f"attribute agreement, {split.replace('_', '-')} pairs: {agreement['agreement']:.4f} "
+                         f"({len(agreement['pairs'])} pairs x {per_prompt} images; {each}; 0.5 = words ignored)")
     return lines
+
+
+def _clip_lines(scores: dict | None) -> list[str]:
+    """eval's lines for a text model's clip score, per kind of prompt, with its scale."""
+    if not scores:
+        return []
+    kinds = [kind for kind, kind_scores in scores.items() if isinstance(kind_scores, dict)]
+    return [f"clip score ({scores['clip']}), {kind.replace('_', ' ')}: {scores[kind]['clip_score']:.4f}"
+            for kind in kinds] + [f"clip score of real test images with their own captions: {scores['real']:.4f}, "
+                                  f"with another image's: {scores['mismatched']:.4f}"]
 
 
 def _write_json(path: Path | None, result: dict) -> None:
@@ -266,6 +323,30 @@ def _eval_tokenizer(args: argparse.Namespace) -> None:
           f"KID {result['kid']:.4f}, PSNR {result['psnr_db']:.2f} dB, {result['codebook_usage']:.1%} of the codebook "
           f"used, perplexity {result['perplexity']:.1f}")
     _write_json(args.json, result)
+
+
+def _eval_held_out(args: argparse.Namespace) -> None:
+    """A model that makes no images: its family's own scores on the test split."""
+    result = metrics.evaluate_held_out(args.model, args.device)
+    print(f"{args.model} ({result['family']}) on the {result['n_test']} test images of {result['dataset']} "
+          f"({result['data_source']})")
+    print("| score | value |\n| --- | ---: |")
+    skipped = ("model", "family", "dataset", "data_source", "n_test")
+    for key, value in result.items():
+        if key not in skipped:
+            print(f"| {key.replace('_', ' ')} | {value:.4f} |")
+    _write_json(args.json, result)
+
+
+def cmd_caption(args: argparse.Namespace) -> None:
+    rows = captioning.caption(args.source, args.n, args.seed, args.model, args.prompt, args.temperature, args.device,
+                              args.batch_size)
+    if args.json:
+        print(json.dumps([{key: value for key, value in vars(row).items() if value is not None} for row in rows],
+                         indent=2))
+        return
+    for row in rows:
+        print("\t".join(part for part in (row.image, row.asked, row.caption) if part is not None))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -469,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--steps", type=_positive, help="total optimisation steps of the run")
     p.add_argument("--seed", type=_seed, help="default 0; --resume keeps the run's")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (learning rates may change)")
+    p.add_argument("--init", metavar="MODEL", help="start a new run from this checkpoint's or shipped model's weights "
+                   "and config (fine-tuning: its sizes are kept, other settings may change)")
     p.add_argument("--preset", default="default", help="named hyperparameter preset")
     p.add_argument("--config", type=Path, help="TOML file of config values")
     p.add_argument("--precision", choices=PRECISIONS,
@@ -504,16 +587,58 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder output: images per shard, the unit a re-run of a stopped job skips when done")
     p.set_defaults(run=cmd_sample)
 
-    p = commands.add_parser("eval", help="FID, KID and class accuracy of a model against the test split",
+    p = commands.add_parser("transfer", help="keep images' style, change what they show: decode them under another "
+                                             "class (CVAE) or re-generate their tokens under a class or prompt (ar)",
+                            parents=[model_options, _options(_device("cpu"))])
+    p.add_argument("sources", nargs="*", help="PNG files of the model's image size, folders of them, or a model (its "
+                                              "own samples, -n of them); none: MODEL's own samples")
+    p.add_argument("--to", action="append", required=True, metavar="TARGET",
+                   help="what the sources become: a class name or index (several: repeat --to or join them with "
+                        "commas), or for a text model a prompt (one per --to)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="grid.png (a row per source: the source, then one column per target), or a folder for one "
+                        "PNG per image")
+    p.add_argument("--strength", type=float,
+                   help="token models: the share of the tokens re-generated, from 0 (the source's own tokens) to 1 (a "
+                        "new image); default " + ", ".join(f"{share} for a {objective} model" for objective, share
+                                                           in style_transfer.DEFAULT_STRENGTH.items()))
+    p.add_argument("-n", type=_positive,
+                   help=f"images taken from each model given as a source (default {style_transfer.DEFAULT_SAMPLES})")
+    p.add_argument("--cfg", type=float, help="token models: classifier-free guidance scale of the re-generation "
+                                             f"(default {style_transfer.DEFAULT_CFG:g}; 1 = none)")
+    p.add_argument("--json", type=Path, help="also write what was made (sources, targets, files) as JSON")
+    p.add_argument("--batch-size", type=_positive, default=256)
+    p.set_defaults(run=cmd_transfer)
+
+    p = commands.add_parser("eval", help="FID, KID and class accuracy of a model against the test split (a "
+                                         "captioner's, a clip model's or a classifier's own scores on it)",
                             parents=[model_options, run_options, sampling, _options(_engine_option("eager"))])
     p.add_argument("-n", type=_positive, default=10_000, help="number of generated images (default 10000)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     p.add_argument("--classifier", help="feature network (default: the shipped classifier of the data set)")
+    p.add_argument("--clip", help="ar-text models: the clip model of their clip score (default: the shipped "
+                                  "clip-<data set>, if any)")
     p.add_argument("--per-prompt", type=_positive, default=50,
                    help="ar-text models: images per prompt for the prompt accuracy and attribute agreement "
                         "(default 50; 140 to 160 prompts)")
     p.add_argument("--batch-size", type=_positive, default=500)
     p.set_defaults(run=cmd_eval)
+
+    p = commands.add_parser("caption", help="describe images in words: image files, a folder of them, or a "
+                                            "generator's own samples", parents=[run_options, _options(_seed_option)])
+    p.add_argument("source", help="a PNG/JPEG file, a folder of them, or a generator (shipped name or checkpoint) "
+                                  "whose samples are captioned")
+    p.add_argument("-n", type=_positive,
+                   help=f"a generator's samples to caption (default {captioning.DEFAULT_SAMPLES})")
+    p.add_argument("--model", help="the captioner (default: the shipped captioner-<data set> of the generator's data "
+                                   "set; for image files, captioner-fashion-mnist)")
+    p.add_argument("--prompt", help="ar-text generators: caption the samples of this prompt")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default): each image's likeliest caption; more: captions drawn at that temperature "
+                        "(by --seed)")
+    p.add_argument("--json", action="store_true", help="one JSON list: image, what it was asked for, caption")
+    p.add_argument("--batch-size", type=_positive, default=256)
+    p.set_defaults(run=cmd_caption)
 
     p = commands.add_parser("bench", help="speed and quality of every engine, side by side",
                             parents=[model_options, run_options])

@@ -10,6 +10,7 @@ import hashlib
 import io
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,26 @@ def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     _pil(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def read_image(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
+    """One image file (PNG, JPEG, ...) -> uint8 (C, H, W) of `shape`, the size a model takes:
+    it is not resized, since a model's input is its own size (a grid or a photo is refused,
+    not squeezed). A grey image fills every channel of a colour model; a colour image for a
+    grey model is refused. Anything else is one line naming the file."""
+    channels, height, width = shape
+    try:
+        with warnings.catch_warnings():  # Pillow's warnings about a file's quirks are not for users
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:  # the header only: the size is known before anything is decoded
+                if image.size != (width, height):
+                    raise GenfastError(f"image {path} is {image.width}x{image.height}; the model takes {width}x"
+                                       f"{height} images: crop or resize it to that first")
+                rgb = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise GenfastError(f"cannot read {path} as an image ({e}); give PNG files or a folder of them") from None
+    grey = bool((rgb == rgb[..., :1]).all())
+    if channels == 1 and not grey:
+        raise GenfastError(f"image {path} is in colour; the model takes greyscale images: convert it to grey first")
+    pixels = rgb[..., :1] if channels == 1 else rgb
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))

@@ -17,7 +17,11 @@ against the test split, which gives it a scale.
 A text-conditioned model is also judged on prompts (`prompt_accuracy`): whether the
 judge finds the prompt's class in its images, for phrasings it was trained on and for
 held-out ones (the caption corpus's, corpus.py), and whether attribute words move the
-attribute they name, measured from the pixels (attributes.py).
+attribute they name, measured from the pixels (attributes.py); and by a clip model
+(`clip_score`), which needs no class in the prompt.
+
+A model that makes no images (a classifier, a captioner, a clip model) is judged by its
+family's own scores on the test split (`evaluate_held_out`).
 """
 
 from __future__ import annotations
@@ -32,19 +36,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from genfast import attributes, checkpoint, corpus, data, images, pretrained, seeding
+from genfast import attributes, caption_scores, checkpoint, corpus, data, images, pretrained, seeding
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import Sampler
 from genfast.families.ar import text
 from genfast.families.classifier import dead_share
+from genfast.families.clip import image_embeddings, text_embeddings
 
 # torchmetrics warns that KID keeps every feature in memory: 10,000 x 256 doubles is 20 MB.
 warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save all extracted features")
 
 BOOTSTRAP_ROUNDS = 10
 KID_SUBSET = 1000
-CORPUS_PROMPTS_PER_CLASS = 2  # class-only held-out prompts judged per class (of 18)
+CORPUS_PROMPTS_PER_CLASS = 2  # class-only prompts judged per class and split (of 18 held-out, 120 training)
 
 
 class PassThrough(nn.Module):
@@ -256,14 +261,15 @@ def prompt_accuracy(sampler: Sampler, per_prompt: int = 50, seed: int = 0, class
     in the class the prompt describes, overall and per prompt, for
     - "train_phrasings": the phrasings the model was trained on (text.captions);
     - "held_out_phrasings": text.HELD_OUT, one phrasing per class never seen in training;
-    - "corpus_held_out": CORPUS_PROMPTS_PER_CLASS class-only prompts per class of the caption
-      corpus's held-out split (corpus.py), picked by `seed`;
-    - "corpus_held_out_attributes": the prompts of the attribute pairs below;
-    and "attribute_agreement" (see `_agreement`) over corpus.attribute_pairs: for every class and
-    attribute with words, a held-out prompt with its "low" word and the same prompt with its
-    "high" word ("a snapshot of a black dress" / "... white dress"). per_prompt images each, all
-    from the same noise of `seed`, so that within a pair only the word differs. The corpus's
-    kinds are there for the data sets it speaks of (Fashion-MNIST, MNIST)."""
+    - "corpus_train", "corpus_held_out": CORPUS_PROMPTS_PER_CLASS class-only prompts per class of
+      the caption corpus's training and held-out splits (corpus.py), picked by `seed`;
+    - "corpus_train_attributes", "corpus_held_out_attributes": the prompts of the attribute pairs below;
+    and "attribute_agreement_train", "attribute_agreement_held_out" (see `_agreement`) over
+    corpus.attribute_pairs of each split: for every class and attribute with words, a prompt with
+    its "low" word and the same prompt with its "high" word ("a snapshot of a black dress" / "...
+    white dress"). per_prompt images each, all from the same noise of `seed`, so that within a pair
+    only the word differs. The corpus's kinds are there for the data sets it speaks of
+    (Fashion-MNIST, MNIST)."""
     dataset = sampler.info["dataset"]
     judge = load_judge(dataset, classifier, device, sampler.image_shape)
     result = {}
@@ -274,16 +280,17 @@ def prompt_accuracy(sampler: Sampler, per_prompt: int = 50, seed: int = 0, class
             result[kind] = _accuracy(_made_from(sampler, judge, prompts, per_prompt, seed, kind, progress))
     if dataset not in corpus.DATASETS or len(corpus.NOUNS[dataset]) != sampler.num_classes:
         return result
-    pick = random.Random(f"genfast-eval-prompts-{seed}")
-    prompts = [(index, prompt) for index, per_class in enumerate(corpus.class_prompts(dataset, "held_out"))
-               for prompt in pick.sample(per_class, CORPUS_PROMPTS_PER_CLASS)]
-    result["corpus_held_out"] = _accuracy(_made_from(sampler, judge, prompts, per_prompt, seed, "corpus_held_out",
-                                                     progress))
-    pairs = corpus.attribute_pairs(dataset, seed, "held_out")
-    made = _made_from(sampler, judge, [(p.label, prompt) for p in pairs for prompt in (p.low, p.high)], per_prompt,
-                      seed, "corpus_held_out_attributes", progress)
-    result["corpus_held_out_attributes"] = _accuracy(made)
-    result["attribute_agreement"] = _agreement(pairs, made, attributes.training_thresholds(dataset))
+    for split in ("train", "held_out"):
+        pick = random.Random(f"genfast-eval-prompts-{seed}" + ("" if split == "held_out" else f"-{split}"))
+        prompts = [(index, prompt) for index, per_class in enumerate(corpus.class_prompts(dataset, split))
+                   for prompt in pick.sample(per_class, CORPUS_PROMPTS_PER_CLASS)]
+        result[f"corpus_{split}"] = _accuracy(_made_from(sampler, judge, prompts, per_prompt, seed,
+                                                         f"corpus_{split}", progress))
+        pairs = corpus.attribute_pairs(dataset, seed, split)
+        made = _made_from(sampler, judge, [(p.label, prompt) for p in pairs for prompt in (p.low, p.high)],
+                          per_prompt, seed, f"corpus_{split}_attributes", progress)
+        result[f"corpus_{split}_attributes"] = _accuracy(made)
+        result[f"attribute_agreement_{split}"] = _agreement(pairs, made, attributes.training_thresholds(dataset))
     return result
 
 
@@ -362,3 +369,80 @@ def evaluate_reconstructions(name_or_path: str, batch_size: int = 500, seed: int
             "classifier_dead_features": dead_share((real_test != 0).any(0)), "n": len(test),
             **scores, "fid_std": bootstrap_fid_std(real_test, fake, seed), "real_fid": baseline["fid"],
             "real_kid": baseline["kid"]} | family.evaluate(modules, config, originals, test.labels)
+
+
+def evaluate_held_out(name_or_path: str, device: str = "cpu") -> dict:
+    """For a model that makes no images and reconstructs none (a classifier, a captioner, a CLIP model):
+    its family's own scores (Family.evaluate) on its data set's test split, the scores the trainer
+    logs at every checkpoint."""
+    ckpt = checkpoint.load(name_or_path)
+    family, config, modules = pretrained.load_modules(ckpt, resolve_device(device))
+    dataset = ckpt.dataset["name"]
+    test = data.load(dataset, "test", image_size=config.image_size, channels=config.channels)
+    scores = family.evaluate(modules, config, images.to_float(test.images), test.labels)
+    return {"model": str(name_or_path), "family": ckpt.family, "dataset": dataset, "data_source": test.source,
+            "n_test": len(test), **scores}
+
+
+REAL_CLIP_IMAGES = 500  # test images whose own captions give the CLIP score its scale
+
+
+def default_clip(dataset: str) -> str | None:
+    """The shipped clip model of a data set, if there is one."""
+    name = f"clip-{dataset}"
+    return name if name in checkpoint.shipped_paths() else None
+
+
+@dataclass
+class ClipModel:
+    """A clip model loaded for scoring a generator's images (families/clip.py)."""
+
+    name: str
+    config: object
+    modules: dict[str, nn.Module]
+
+
+def load_clip(name_or_path: str, sampler: Sampler, device: str = "cpu") -> ClipModel:
+    """A clip model of the generator's data set and image size (checked before any work)."""
+    ckpt = checkpoint.load(name_or_path)
+    dataset = sampler.info["dataset"]
+    if ckpt.family != "clip":
+        raise GenfastError(f"--clip {name_or_path} is a '{ckpt.family}' checkpoint, not a clip model")
+    if ckpt.dataset["name"] != dataset or tuple(ckpt.dataset["image_shape"]) != tuple(sampler.image_shape):
+        raise GenfastError(f"--clip {name_or_path} was trained on {ckpt.dataset['name']} images, the model makes "
+                           f"{dataset} images; give a clip model of {dataset}")
+    _, config, modules = pretrained.load_modules(ckpt, resolve_device(device))
+    return ClipModel(str(name_or_path), config, modules)
+
+
+def clip_score(sampler: Sampler, prompts: dict[str, list[str]], clip: ClipModel, per_prompt: int = 50,
+               seed: int = 0, progress: bool = True) -> dict:
+    """For a text-conditioned model: how near its images are to their prompts in a clip model's space
+    (families/clip.py; the CLIPScore idea, Hessel et al., 2021, without its rescaling): per kind of
+    `prompts` (those prompt_accuracy judged, by kind), the mean over the prompts of the mean cosine
+    similarity between the per_prompt images made from a prompt (the noise of `seed`, as
+    prompt_accuracy's) and the prompt. It needs no class in the prompt. Beside it, its scale: "real",
+    REAL_CLIP_IMAGES test images with a held-out corpus caption of their own (a caption of their
+    class for a data set without a corpus), and "mismatched", the same with another image's."""
+    modules = clip.modules
+    result: dict = {"clip": clip.name}
+    for kind, kind_prompts in prompts.items():
+        per = {}
+        for prompt in tqdm(kind_prompts, desc=f"clip score: {kind.replace('_', ' ')}", disable=not progress):
+            pixels = sampler.generate(per_prompt, seed, condition=sampler.prompt_condition(prompt, per_prompt))
+            per[prompt] = float((image_embeddings(modules, pixels) @ text_embeddings(modules, [prompt])[0]).mean())
+        result[kind] = {"clip_score": sum(per.values()) / len(per), "per_prompt": per}
+    return result | _real_clip_scores(modules, clip.config, seed)
+
+
+def _real_clip_scores(modules: dict[str, nn.Module], config, seed: int) -> dict[str, float]:
+    """The clip score of real test images with their own captions, and with those of other images."""
+    test = data.load(config.dataset, "test", image_size=config.image_size, channels=config.channels)
+    pick = torch.randperm(len(test), generator=seeding.generator(seed, "clip-real-pick"))[:REAL_CLIP_IMAGES]
+    pixels, labels = test.images[pick], test.labels[pick]
+    if caption_scores.has_corpus(config.dataset, config.class_names):
+        captions = corpus.captions_for(config.dataset, pixels, labels, seed, "held_out")
+    else:
+        captions = [text.captions(config.dataset, config.class_names)[label][0] for label in labels.tolist()]
+    similarity = image_embeddings(modules, images.to_float(pixels)) @ text_embeddings(modules, captions).T
+    return {"real": float(similarity.diagonal().mean()), "mismatched": float(similarity.roll(1, 1).diagonal().mean())}

@@ -70,6 +70,7 @@ class TrainOptions:
     steps: int | None = None       # or total optimisation steps (wins over epochs)
     seed: int | None = None        # default 0; a resumed run keeps its own
     resume: bool = False
+    init: str | None = None        # a new run starting from this checkpoint's weights (path or shipped name)
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     precision: str | None = None   # auto (default: by probe_precision) | fp32 | bf16 autocast; a resumed run
     #                                keeps its own unless told fp32 or bf16
@@ -368,6 +369,8 @@ def _stop_between_steps():
 def read_saved(options: TrainOptions) -> checkpoint.Checkpoint | None:
     """The checkpoint to resume, or None for a new run in an unused folder."""
     path = options.checkpoint_path
+    if options.resume and options.init:
+        raise GenfastError("--init starts a new run from a model's weights and --resume continues a run; choose one")
     if not options.resume:
         if path.exists():
             raise GenfastError(f"{path} already exists; pass --resume to continue that run, or choose another --out")
@@ -391,6 +394,7 @@ class RunPlan:
     saved: checkpoint.Checkpoint | None
     dataset_info: dict[str, Any]  # what the checkpoint says about the data
     precision_note: str | None = None  # --precision auto: the probe's one line (None when told or resumed)
+    init: checkpoint.Checkpoint | None = None  # a new run's starting weights (--init), fine-tuned from
 
     @property
     def data_name(self) -> str:
@@ -401,13 +405,16 @@ def plan_run(family: Family, options: TrainOptions, asked: dict[str, Any], saved
              world_size: int = 1, device: torch.device = CPU, load_data=data.load,
              probe=None) -> RunPlan:
     """The run that `options` and the config values `asked` (preset, TOML, key=value) make,
-    continuing `saved` when resuming; any rule broken is one GenfastError saying what to do.
+    continuing `saved` when resuming, or starting from options.init's config and weights (a
+    fine-tuning run: its sizes are the init model's, `asked` may change anything else); any
+    rule broken is one GenfastError saying what to do.
     `load_data(name, split, image_size=, channels=)` gives the training split; `probe(device,
     threads)` (default probe_precision) the precision a new run asked for auto trains in,
     once every rule has passed."""
     if saved is not None:
         _check_resumable(family, options, saved)
-    data_name = saved.dataset["name"] if saved else options.data or DEFAULT_DATA
+    init = _init_checkpoint(family, options.init) if options.init and saved is None else None
+    data_name = saved.dataset["name"] if saved else options.data or (init.dataset["name"] if init else DEFAULT_DATA)
     seed = saved.extra.get("seed", 0) if saved else 0 if options.seed is None else options.seed
     auto = options.precision in (None, "auto")
     precision = (saved.extra.get("precision", "fp32") if saved else "auto") if auto else options.precision
@@ -420,7 +427,7 @@ def plan_run(family: Family, options: TrainOptions, asked: dict[str, Any], saved
         _autocast(CPU, precision)  # an unknown precision is refused here
     check_log_targets(options.log)
 
-    config = _config_for_run(family, asked, saved)
+    config = _config_for_run(family, asked, saved, init)
     train_set = load_data(data_name, "train", image_size=config.image_size, channels=config.channels if saved else None)
     if config.conditional and train_set.labels is None:
         raise GenfastError(f"data set '{data_name}' has no labels, so it cannot train a conditional model")
@@ -456,7 +463,16 @@ def plan_run(family: Family, options: TrainOptions, asked: dict[str, Any], saved
     if precision == "auto":
         precision, note = (probe or probe_precision)(device, torch.get_num_threads())
     return RunPlan(family, config, train_set, seed, precision, start, total, steps_per_epoch,
-                   config.batch_size // world_size, saved, dataset_info, note)
+                   config.batch_size // world_size, saved, dataset_info, note, init)
+
+
+def _init_checkpoint(family: Family, name: str) -> checkpoint.Checkpoint:
+    """The model a fine-tuning run starts from: of this family, its weights read without unpickling."""
+    init = checkpoint.load(name)
+    if init.family != family.name:
+        raise GenfastError(f"--init {name} is a '{init.family}' model, not '{family.name}'; train it as that family "
+                           f"('genfast train {init.family} --init {name} ...')")
+    return init
 
 
 def _check_resumable(family: Family, options: TrainOptions, saved: checkpoint.Checkpoint) -> None:
@@ -472,14 +488,17 @@ def _check_resumable(family: Family, options: TrainOptions, saved: checkpoint.Ch
                                f"drop that option or start a new run with another --out")
 
 
-def _config_for_run(family: Family, asked: dict[str, Any], saved: checkpoint.Checkpoint | None):
-    """A new run builds its config from what was asked. A resumed run keeps the saved
+def _config_for_run(family: Family, asked: dict[str, Any], saved: checkpoint.Checkpoint | None,
+                    init: checkpoint.Checkpoint | None = None):
+    """A new run builds its config from what was asked, over the init model's (--init) if
+    it starts from one. A resumed run keeps the saved
     config, except the optimizer's hyperparameters (a lower learning rate is how one
     gets past a divergence); anything else would no longer be the same run."""
     if fixed := [k for k in asked if k in DATA_KEYS]:
         raise GenfastError(f"config key(s) {', '.join(fixed)} are set by the data set; drop them")
     if saved is None:
-        return configlib.override(family.config_class(), asked)
+        base = configlib.from_dict(family.config_class, init.config) if init else family.config_class()
+        return configlib.override(base, asked)
     resumed = configlib.from_dict(family.config_class, saved.config)
     wanted = configlib.override(resumed, asked)
     changed = [f"{k}={getattr(wanted, k)!r} (saved: {getattr(resumed, k)!r})" for k in asked
@@ -554,6 +573,8 @@ def _set_up(plan: RunPlan, options: TrainOptions, device: torch.device) -> _SetU
     torch.manual_seed(plan.seed)  # weight initialisation: the same in every process
     # Built once they are known to fit (the machine, and a resumed run's saved weights).
     modules = pretrained.build(plan.family, config, device, plan.saved.modules if plan.saved else None)
+    if plan.init is not None:
+        _load_init(options.init, plan.init, modules, initial)
     for name, state in initial.items():
         modules[name].load_state_dict(state, strict=False)
     if options.sync_batchnorm:
@@ -561,8 +582,35 @@ def _set_up(plan: RunPlan, options: TrainOptions, device: torch.device) -> _SetU
     optimizers = plan.family.optimizers(modules, config)
     if plan.saved is not None:
         _restore(plan.saved, modules, optimizers)
+    plan.family.start_run(modules, config, plan.train_set, plan.seed)
     trained = {name: distributed.wrap(m, device) if name in optimizers else m for name, m in modules.items()}
     return _SetUp(config, modules, optimizers, trained)
+
+
+def _load_init(name: str, init: checkpoint.Checkpoint, modules: dict[str, nn.Module],
+               fresh: dict[str, dict[str, torch.Tensor]]) -> None:
+    """A fine-tuning run's weights: the init model's, each of the shape this config builds, but
+    for what prepare gives afresh (`fresh`: ar's caption embeddings). A module the file lacks (a
+    slim model keeps what sampling needs: a GAN's discriminator is not there) starts from scratch."""
+    for module, state in init.modules.items():
+        if module not in modules:
+            raise GenfastError(f"--init {name} holds a '{module}' network this family does not build; the file is "
+                               f"damaged or was edited")
+        expected, given = modules[module].state_dict(), fresh.get(module, {})
+        state = {key: value for key, value in state.items() if key not in given}
+        if extra := sorted(set(state) - set(expected)):
+            raise GenfastError(f"--init {name} holds '{module}.{extra[0]}', which this config does not build; the "
+                               f"file is of another version of the model, or damaged")
+        for key in sorted(set(expected) - set(given)):
+            if key not in state or state[key].shape != expected[key].shape:
+                found = f"is {tuple(state[key].shape)}" if key in state else "is missing"
+                raise GenfastError(f"--init {name}: its '{module}.{key}' {found}, this config builds "
+                                   f"{tuple(expected[key].shape)}; a fine-tuning run keeps the model's sizes, so drop "
+                                   f"the size settings")
+            if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+                raise GenfastError(f"--init {name}: its weight '{module}.{key}' holds NaN or infinite values; start "
+                                   f"from another checkpoint")
+        modules[module].load_state_dict({key: state[key] for key in expected if key in state}, strict=False)
 
 
 class _Outputs:
@@ -578,6 +626,8 @@ class _Outputs:
                      "precision_probe": plan.precision_note or (plan.saved.extra.get("precision_probe")
                                                                 if plan.saved else None),
                      "device": str(device), "processes": here.size,
+                     # the model a fine-tuning run started from (--init), kept when it is resumed
+                     "init": options.init if plan.init else plan.saved.extra.get("init") if plan.saved else None,
                      "model_name": plan.family.model_name(setup.config)}
         self.class_names = plan.train_set.class_names if setup.config.conditional else ()
         self.test_split: data.ImageSet | None = None  # loaded at the first evaluation only

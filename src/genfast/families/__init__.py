@@ -10,13 +10,16 @@ from __future__ import annotations
 from genfast.errors import GenfastError
 from genfast.families.ar import AR, VQVAE
 from genfast.families.base import Family, Sampler
+from genfast.families.captioner import Captioner
 from genfast.families.classifier import Classifier
+from genfast.families.clip import CLIP
 from genfast.families.gan import GAN
 from genfast.families.vae import VAE
 
-# The generative families, the tokenizer `ar` builds on, and the classifier that judges
-# them (all trained by the same trainer).
-FAMILIES: dict[str, Family] = {"gan": GAN(), "vae": VAE(), "ar": AR(), "vqvae": VQVAE(), "classifier": Classifier()}
+# The generative families, the tokenizer `ar` builds on, the classifier that judges them,
+# and the models that read images into words or beside them (all trained by the same trainer).
+FAMILIES: dict[str, Family] = {"gan": GAN(), "vae": VAE(), "ar": AR(), "vqvae": VQVAE(), "classifier": Classifier(),
+                               "captioner": Captioner(), "clip": CLIP()}
 
 
 def get_family(name: str) -> Family:

@@ -356,6 +356,11 @@ class Family(ABC):
         builds on, and initial weights per module (ar: its tokenizer). Default: nothing."""
         return config, {}
 
+    def start_run(self, modules: dict[str, nn.Module], config: Any, train_set, seed: int) -> None:  # noqa: B027
+        """Before the first step of every run, new or resumed, once the weights are in place: what
+        training needs that the checkpoint does not keep, rebuilt from the data (ar text models:
+        their embedded caption pool). Default: nothing."""
+
     def sampler(self, modules: dict[str, nn.Module], config: Any, class_names: tuple[str, ...]) -> Sampler:
         """The eager fp32 sampler: the reference every engine is compared with."""
         raise GenfastError(f"a {self.name} model does not generate images")

@@ -74,7 +74,11 @@ class ClassifierNet(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images -> the penultimate layer (after its ReLU)."""
-        return F.relu(self.feature_norm(self.fc(self.body(images).flatten(1))))
+        return self.features_of(self.body(images))
+
+    def features_of(self, maps: torch.Tensor) -> torch.Tensor:
+        """The penultimate layer from the convolutions' map (`body`'s output), for a reader of both."""
+        return F.relu(self.feature_norm(self.fc(maps.flatten(1))))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(images)))

@@ -252,12 +252,23 @@ def naive(network: Network, prefix: torch.Tensor, noise: torch.Tensor, options: 
 
 def kv(network: Network, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
     """The prefix in one pass (prefill), then one token a pass over a growing cache."""
+    no_tokens = torch.zeros(len(prefix), 0, dtype=torch.long, device=prefix.device)
+    return continue_kv(network, prefix, no_tokens, noise, options)
+
+
+def continue_kv(network: Network, prefix: torch.Tensor, leading: torch.Tensor, noise: torch.Tensor,
+                options: Options) -> tuple[torch.Tensor, int]:
+    """kv after given first tokens (`leading`, (B, K)): the prefix and those tokens in one
+    prefill pass, then token i drawn for i >= K exactly as kv draws it (with noise[:, 0, i]),
+    so the rest of a grid is made under a new condition (genfast transfer). K = 0 is kv."""
     net, stepper = network.net, network.net.dynamic_step()
     d = Decoder(net, prefix, options)
-    logits = stepper.prefill(d.prefix)
+    tokens = list(leading.unbind(1))
+    if len(tokens) == d.length:
+        return leading, 0
+    logits = stepper.prefill(torch.cat([d.prefix, net.wte(d.rows(leading))], 1))
     positions = torch.arange(net.prefix_tokens, net.prefix_tokens + d.length, device=prefix.device)
-    tokens = []
-    for i in range(d.length):
+    for i in range(len(tokens), d.length):
         tokens.append(draw(d.probs(logits), noise[:, 0, i]))
         if i + 1 < d.length:
             logits = stepper(d.rows(tokens[-1][:, None]), positions[i:i + 1])
@@ -360,10 +371,21 @@ def parallel(network: Network, prefix: torch.Tensor, noise: torch.Tensor,
     confident, leaving T * cos(pi/2 * step/steps) masked; confidence is the token's log
     probability plus Gumbel noise annealed to zero (Chang et al.'s choice-temperature)."""
     net = network.net
+    tokens = torch.full((len(prefix), net.sequence_length), net.mask_token, dtype=torch.long, device=prefix.device)
+    return continue_parallel(network, prefix, tokens, tokens == net.mask_token, noise, options)
+
+
+def continue_parallel(network: Network, prefix: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor,
+                      noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
+    """MaskGIT decoding of the `masked` positions of `tokens` (B, T), the others kept as
+    given (genfast transfer); every row has the same number M masked, and M * cos(pi/2 *
+    step/steps) stay masked after each step. All masked (M = T) is `parallel`."""
+    net = network.net
     d = Decoder(net, prefix, options)
-    batch, length, steps = d.batch, d.length, options.parallel_steps
-    tokens = torch.full((batch, length), net.mask_token, dtype=torch.long, device=prefix.device)
-    masked = torch.ones(batch, length, dtype=torch.bool, device=prefix.device)
+    steps, start = options.parallel_steps, int(masked[0].sum())
+    if not start:
+        return tokens, 0
+    tokens = tokens.masked_fill(masked, net.mask_token)
     gumbel = -torch.log(-torch.log(noise[:, 1].clamp(1e-10, 1 - 1e-7)))
     for step in range(steps):
         logits = network.forward(d.prefix, d.rows(tokens))[:, net.prefix_tokens:]
@@ -374,7 +396,7 @@ def parallel(network: Network, prefix: torch.Tensor, noise: torch.Tensor,
         confidence = confidence.masked_fill(~masked, math.inf)  # fixed tokens stay fixed
         remaining = int(masked[0].sum())
         keep_masked = 0 if step == steps - 1 else min(remaining - 1,
-                                                      math.floor(length * math.cos(math.pi / 2 * (step + 1) / steps)))
+                                                      math.floor(start * math.cos(math.pi / 2 * (step + 1) / steps)))
         keep_masked = max(keep_masked, 0)
         order = confidence.argsort(1)  # least confident first
         still = torch.zeros_like(masked).scatter(1, order[:, :keep_masked], True) & masked

@@ -6,8 +6,9 @@ its own; stage two, this family, trains a decoder-only transformer (model.py) on
 tokenizer's 7x7 grids read row by row, after a prefix that carries the condition:
 - a class: a learned embedding per class;
 - a text prompt: its all-MiniLM-L6-v2 sentence embedding (text.py), projected into
-  the prefix; trained on several phrasings per class, so held-out phrasings work
-  through the language model;
+  the prefix; trained on the caption corpus (corpus.py: each image's own captions,
+  from its label and measured attributes, in thousands of phrasings per class), so
+  phrasings and attribute words it never saw work through the language model;
 - nothing: a learned null prefix. The condition is replaced by it at random in
   training (`p_uncond`), which is what classifier-free guidance (`cfg`) needs.
 
@@ -17,8 +18,8 @@ fraction of tokens replaced by a mask token and predicted: the parallel decoder)
 The decoders (decoders.py) run inside the sampler's network (generator.py).
 
 The checkpoint holds the tokenizer too, so it samples with nothing else; a text
-model also holds the embeddings of its training captions (a class then stands for
-the mean of its phrasings), and needs MiniLM only for new prompts.
+model also holds the embeddings of each class's plain training phrasings (a class
+index then stands for their mean), and needs MiniLM only for new prompts.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genfast import checkpoint
+from genfast import checkpoint, corpus
 from genfast import config as configlib
 from genfast.config import require
 from genfast.distributed import unwrap
@@ -92,15 +93,30 @@ class AR(Family):
                                    "conditional": config.conditional or config.text}
         initial = {"tokenizer": {k: v.float() for k, v in tokenizer.modules["vqvae"].items()}}
         if config.text:
-            phrasings = text.captions(train_set.name, train_set.class_names)
+            if config.captions not in text.CAPTION_SOURCES:
+                raise GenfastError(f"captions must be one of {', '.join(text.CAPTION_SOURCES)}, got "
+                                   f"'{config.captions}'")
+            if train_set.name not in corpus.DATASETS or train_set.labels is None:
+                changes["captions"] = "classes"  # no corpus speaks of it: its class names, phrased a few ways
+            phrasings = text.class_phrasings(train_set.name, train_set.class_names,
+                                             changes.get("captions", config.captions))
             count = min(len(p) for p in phrasings)
             embedded = text.encoder()([p for per_class in phrasings for p in per_class[:count]])
             changes["phrasings"] = count
             initial["gpt"] = {"captions": embedded.view(len(phrasings), count, -1)}
         return configlib.override(config, changes), initial
 
+    def start_run(self, modules: dict[str, nn.Module], config: ARConfig, train_set, seed: int) -> None:
+        """A text model trained on the corpus: its CaptionPool (text.py), drawn from the run's seed,
+        so that a resumed run trains on the same captions."""
+        if config.text and config.captions == "corpus":
+            net = modules["gpt"]
+            net.caption_pool = text.CaptionPool.build(train_set.name, train_set.images, train_set.labels,
+                                                      config.caption_pool, seed).to(net.null.device)
+
     def build(self, config: ARConfig) -> dict[str, nn.Module]:
-        require(config, positive=("n_layer", "n_head", "n_embd", "prefix_tokens", "batch_size", "lr"),
+        require(config, positive=("n_layer", "n_head", "n_embd", "prefix_tokens", "batch_size", "lr",
+                                  "caption_pool"),
                 non_negative=("weight_decay", "warmup_steps"), unit=("dropout", "p_uncond", "beta1", "beta2"))
         if config.objective not in ("causal", "masked"):
             raise GenfastError(f"objective must be 'causal' or 'masked', got '{config.objective}'")
@@ -136,7 +152,9 @@ class AR(Family):
         condition = None
         if net.conditional:
             dropped = torch.rand(batch, generator=generator, device=generator.device).to(device) < config.p_uncond
-            if config.text:  # a random phrasing of each image's class
+            if config.text and config.captions == "corpus":  # a caption of each image's class and look
+                condition = net.caption_pool.draw(images, labels, generator).masked_fill(dropped[:, None], 0.0)
+            elif config.text:  # a random phrasing of each image's class
                 pick = torch.randint(config.phrasings, (batch,), generator=generator, device=generator.device)
                 condition = net.captions[labels, pick.to(device)]
                 condition = condition.masked_fill(dropped[:, None], 0.0)

@@ -27,7 +27,9 @@ class ARConfig(TrainedConfig):
     tokenizer: str = ""          # VQ-VAE checkpoint or shipped name (default: the shipped vqvae-<data set>)
     tokenizer_config: str = ""   # that tokenizer's config as JSON: filled in when training starts
     text: bool = False           # condition on text prompts (MiniLM) rather than class labels
-    phrasings: int = 0           # training captions per class (text models): filled in when training starts
+    captions: str = "corpus"     # text models' training captions: corpus (per image) | classes (text.py)
+    caption_pool: int = 32       # corpus captions drawn and embedded per class and attribute levels
+    phrasings: int = 0           # phrasings a class index stands for (text models): filled in when training starts
     objective: str = "causal"    # causal (GPT) | masked (MaskGIT)
     n_layer: int = 4
     n_head: int = 4

