@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from genfast import checkpoint, corpus
+from genfast.errors import GenfastError
 from genfast.families.ar import text
 from genfast.train import TrainOptions, train
 
@@ -82,3 +83,10 @@ def test_a_text_model_trains_on_the_corpus_and_a_class_stands_for_its_plain_phra
 def test_a_data_set_without_a_corpus_trains_on_its_class_names(tiny_text_ar):
     saved = checkpoint.load(tiny_text_ar)
     assert saved.config["captions"] == "classes"  # "fake": no corpus speaks of it
+
+
+def test_an_unknown_caption_source_is_one_clear_error(tiny_vqvae, tmp_path):
+    options = TrainOptions(out=tmp_path, data="fake", steps=1, progress=False)
+    with pytest.raises(GenfastError, match="captions must be one of corpus, classes, got 'pixels'"):
+        train("ar", options, preset="tiny", pairs=[f"tokenizer={tiny_vqvae}", "text=true", "captions=pixels"])
+    assert not (tmp_path / "checkpoint.safetensors").exists()

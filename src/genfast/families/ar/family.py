@@ -75,7 +75,7 @@ class AR(Family):
 
     def prepare(self, config: ARConfig, train_set) -> tuple[ARConfig, dict[str, dict[str, torch.Tensor]]]:
         """Before a new run: the tokenizer it builds on (config and weights), and for a text
-        model the MiniLM embeddings of its training captions."""
+        model the MiniLM embeddings of the phrasings a class index stands for."""
         name = config.tokenizer or f"vqvae-{train_set.name}"
         try:
             tokenizer = checkpoint.load(name)
@@ -93,10 +93,7 @@ class AR(Family):
                                    "conditional": config.conditional or config.text}
         initial = {"tokenizer": {k: v.float() for k, v in tokenizer.modules["vqvae"].items()}}
         if config.text:
-            if config.captions not in text.CAPTION_SOURCES:
-                raise GenfastError(f"captions must be one of {', '.join(text.CAPTION_SOURCES)}, got "
-                                   f"'{config.captions}'")
-            if train_set.name not in corpus.DATASETS or train_set.labels is None:
+            if config.captions == "corpus" and train_set.name not in corpus.DATASETS:
                 changes["captions"] = "classes"  # no corpus speaks of it: its class names, phrased a few ways
             phrasings = text.class_phrasings(train_set.name, train_set.class_names,
                                              changes.get("captions", config.captions))
@@ -120,6 +117,8 @@ class AR(Family):
                 non_negative=("weight_decay", "warmup_steps"), unit=("dropout", "p_uncond", "beta1", "beta2"))
         if config.objective not in ("causal", "masked"):
             raise GenfastError(f"objective must be 'causal' or 'masked', got '{config.objective}'")
+        if config.captions not in text.CAPTION_SOURCES:
+            raise GenfastError(f"captions must be one of {', '.join(text.CAPTION_SOURCES)}, got '{config.captions}'")
         if config.n_embd % config.n_head:
             raise GenfastError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
         if (config.conditional or config.text) and config.num_classes < 2:
