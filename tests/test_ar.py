@@ -210,7 +210,7 @@ def test_ar_needs_a_vqvae_tokenizer(tiny_gan, tmp_path):
     options = TrainOptions(out=tmp_path / "ar", data="fake", steps=2, progress=False)
     with pytest.raises(GenfastError, match="is a 'gan' checkpoint, not a vqvae"):
         train("ar", options, preset="tiny", pairs=[f"tokenizer={tiny_gan}"])
-    with pytest.raises(GenfastError, match="ar trains on a VQ-VAE's tokens and found none"):
+    with pytest.raises(GenfastError, match=r"builds on a tokenizer \(vqvae\) of its data set and found none"):
         train("ar", options, preset="tiny")  # no shipped vqvae-fake
 
 

@@ -222,5 +222,5 @@ def test_eval_of_a_captioner_reports_its_scores(tiny_captioner, tmp_path, capsys
 def test_a_captioner_without_a_judge_of_its_data_set_is_one_line(tmp_path, capsys):
     status, _, err = run(capsys, "train", "captioner", "--data", "fake", "--out", tmp_path / "run", "--steps", 1, "-q")
     assert status == 1 and err.count("\n") == 1
-    assert "starts from a classifier of its data set and found none" in err and "classifier=DIR" in err
+    assert "builds on a classifier of its data set and found none" in err and "classifier=DIR" in err
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()

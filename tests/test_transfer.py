@@ -138,37 +138,52 @@ def test_strength_1_ignores_the_source_and_is_the_models_own_sample(token_model)
     assert torch.allclose(made[0][:, 0], sample, atol=1e-6)
 
 
-def test_a_share_of_the_tokens_is_kept_and_the_rest_remade(token_model):
-    """At strength 0.5 the kept half is the source's, exactly: the first 25 tokens in raster
-    order (causal), or 25 positions of the model's choosing (masked); the rest is new."""
+def _remade(model: transfer.TokenTransfer, strength: float, target: int = 3):
+    """The fake split's first 16 grids, and the model's re-generation of them under class `target`."""
     with torch.no_grad():
-        tokens = token_model.tokenizer.encode(images.to_float(split_images("fake")[0]))
-        prefix = token_model.net.prefix(torch.full((len(tokens),), 3))
-        uniforms = torch.special.ndtr(token_model.sampler.noise(len(tokens), seed=0))
-        made = token_model.remake(prefix, tokens, 25, uniforms)
+        tokens = model.tokenizer.encode(images.to_float(split_images("fake")[0]))
+        prefix = model.net.prefix(torch.full((len(tokens),), target))
+        uniforms = torch.special.ndtr(model.sampler.noise(len(tokens), seed=0))
+        return tokens, prefix, model.remake(prefix, tokens, strength, uniforms)
+
+
+def test_a_masked_model_keeps_the_share_of_the_tokens_it_finds_likeliest(tiny_maskgit):
+    """At strength 1 - 25/49, 25 positions of the model's choosing are the source's, exactly;
+    the rest is new."""
+    model = transfer.load(tiny_maskgit)
+    tokens, prefix, made = _remade(model, 1 - 25 / 49)
     same = made == tokens
-    if token_model.config.objective == "causal":
-        assert same[:, :25].all()
-    else:
-        kept = token_model.likely_positions(prefix, tokens, 25)
-        assert kept.sum(1).eq(25).all() and same[kept].all()
+    kept = model.likely_positions(prefix, tokens, 25)
+    assert kept.sum(1).eq(25).all() and same[kept].all()
     assert (~same).any(1).float().mean() >= 0.5  # most grids changed somewhere in the re-made half
 
 
-def test_continue_kv_draws_what_a_full_pass_draws_after_the_given_tokens(tiny_ar):
-    """The cache, prefilled with the prefix and the leading tokens, predicts exactly what the
-    uncached transformer does over the same sequence."""
+def test_a_causal_model_keeps_more_of_the_source_the_lower_the_strength(tiny_ar):
+    model = transfer.load(tiny_ar)
+    kept = [float((made == tokens).double().mean()) for tokens, _, made in
+            (_remade(model, strength) for strength in (0.2, 0.5, 0.8, 1.0))]
+    assert kept == sorted(kept, reverse=True) and kept[0] > 0.9 and kept[-1] < 0.5, kept
+
+
+def test_favoured_kv_is_kv_at_favour_1_and_the_source_at_a_great_one(tiny_ar):
+    """Favour 1 draws exactly what kv draws; a favour no probability can resist gives the
+    source back; each token drawn, favoured or not, is one the cache predicts after the
+    tokens drawn before it (the uncached transformer over the same sequence agrees)."""
     net = pretrained.load_modules(checkpoint.load(tiny_ar))[2]["gpt"].eval()
-    prefix = net.prefix(torch.tensor([1, 5]))
+    network, prefix = decoders.Network(net), net.prefix(torch.tensor([1, 5]))
     uniforms = torch.rand(2, 3, net.sequence_length, generator=torch.Generator().manual_seed(0))
-    leading = torch.randint(net.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
-    options = decoders.Options(temperature=0.0)  # greedy: any difference in the logits' order shows
+    source = torch.randint(net.vocab_size, (2, net.sequence_length), generator=torch.Generator().manual_seed(1))
+    options = decoders.Options()
     with torch.no_grad():
-        tokens, passes = decoders.continue_kv(decoders.Network(net), prefix, leading, uniforms, options)
-        reference = leading
-        for _ in range(20, net.sequence_length):
-            reference = torch.cat([reference, net(prefix, reference)[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(tokens, reference) and passes == net.sequence_length - 20
+        assert torch.equal(decoders.favoured_kv(network, prefix, source, 1.0, uniforms, options)[0],
+                           decoders.kv(network, prefix, uniforms, options)[0])
+        assert torch.equal(decoders.favoured_kv(network, prefix, source, 1e30, uniforms, options)[0], source)
+        greedy = decoders.Options(temperature=0.0)  # a one-hot: the argmax, unless the source's token is favoured
+        tokens, passes = decoders.favoured_kv(network, prefix, source, 2.0, uniforms, greedy)
+        for i in range(net.sequence_length):
+            best = net(prefix, tokens[:, :i])[:, -1].argmax(-1)
+            assert ((tokens[:, i] == best) | (tokens[:, i] == source[:, i])).all()
+    assert passes == net.sequence_length
 
 
 # --- the command line -----------------------------------------------------------------------------

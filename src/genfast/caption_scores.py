@@ -34,11 +34,6 @@ from genfast.families.ar import text
 REFERENCES = 5  # corpus captions per image that a caption's wording is compared with
 
 
-def has_corpus(dataset: str, class_names: tuple[str, ...]) -> bool:
-    """Whether the caption corpus speaks of this data set (and of as many classes)."""
-    return dataset in corpus.DATASETS and len(corpus.NOUNS[dataset]) == len(class_names)
-
-
 @dataclass(frozen=True)
 class Said:
     """What one caption says: a class (-1 for none, or nouns of two classes) and its attribute words,
@@ -53,7 +48,7 @@ def _vocabulary(dataset: str, class_names: tuple[str, ...]) -> tuple[re.Pattern,
     """One pattern that finds every noun and attribute word, longest first, and what each phrase means:
     ("noun", label) or ("word", attribute, level)."""
     meaning: dict[str, tuple] = {}
-    if has_corpus(dataset, class_names):
+    if corpus.covers(dataset, class_names):
         for label, nouns in enumerate(corpus.NOUNS[dataset]):
             meaning |= {noun: ("noun", label) for noun in nouns.train + nouns.held_out}
         for name, levels in corpus.ADJECTIVES[dataset].items():
@@ -79,7 +74,7 @@ def references(dataset: str, class_names: tuple[str, ...], images: torch.Tensor,
                thresholds: attributes.Thresholds | None = None) -> list[list[str]]:
     """`count` corpus captions of each image (seeds seed .. seed + count - 1), in the training split's
     words; for a data set without a corpus, every generic phrasing of the image's class."""
-    if not has_corpus(dataset, class_names):
+    if not corpus.covers(dataset, class_names):
         phrasings = text.captions(dataset, class_names)
         return [list(phrasings[label]) for label in labels.tolist()]
     drawn = [corpus.captions_for(dataset, images, labels, seed + k, "train", thresholds) for k in range(count)]
@@ -99,7 +94,7 @@ def scores(dataset: str, class_names: tuple[str, ...], captions: list[str], imag
     labels = torch.as_tensor(labels)
     said = [read(dataset, class_names, caption) for caption in captions]
     result = {"class_accuracy": sum(s.label == label for s, label in zip(said, labels.tolist())) / len(said)}
-    corpus_data = has_corpus(dataset, class_names)
+    corpus_data = corpus.covers(dataset, class_names)
     if corpus_data:
         thresholds = thresholds or attributes.training_thresholds(dataset)
         true_levels = thresholds.levels(attributes.measure(images), labels)

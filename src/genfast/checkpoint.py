@@ -180,6 +180,25 @@ def load(name_or_path: str | Path) -> Checkpoint:
     )
 
 
+def load_part(name: str, family: str, role: str, train_set) -> Checkpoint:
+    """A trained model that a new run builds on (ar: its tokenizer; captioner, clip: the judge
+    that reads their images): `name`, a checkpoint of `family` for the images of `train_set`.
+    A missing one is one line saying how to train it."""
+    what = role if role == family else f"{role} ({family})"
+    try:
+        part = load(name)
+    except GenfastError as e:
+        raise GenfastError(f"a {train_set.name} model builds on a {what} of its data set and found none "
+                           f"({e}); train one with 'genfast train {family} --data {train_set.name} --out DIR' and pass "
+                           f"{role}=DIR/checkpoint.safetensors") from None
+    if part.family != family:
+        raise GenfastError(f"{role}={name} is a '{part.family}' checkpoint, not a {family}")
+    if list(part.dataset["image_shape"]) != list(train_set.image_shape):
+        raise GenfastError(f"{role} {name} is for {part.dataset['image_shape']} images, the data set has "
+                           f"{list(train_set.image_shape)}; give a {family} of this data set")
+    return part
+
+
 def weights_digest(module: torch.nn.Module) -> str:
     """sha256 of every tensor of a network (names, kinds, shapes and bytes): a retrained or
     replaced checkpoint is another model, whatever its file is called (auto's decisions and

@@ -599,8 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid.png (a row per source: the source, then one column per target), or a folder for one "
                         "PNG per image")
     p.add_argument("--strength", type=float,
-                   help="token models: the share of the tokens re-generated, from 0 (the source's own tokens) to 1 (a "
-                        "new image); default " + ", ".join(f"{share} for a {objective} model" for objective, share
+                   help="token models: how much is re-generated, from 0 (the source's own tokens) to 1 (a new "
+                        "image); default " + ", ".join(f"{share} for a {objective} model" for objective, share
                                                            in style_transfer.DEFAULT_STRENGTH.items()))
     p.add_argument("-n", type=_positive,
                    help=f"images taken from each model given as a source (default {style_transfer.DEFAULT_SAMPLES})")

@@ -162,6 +162,11 @@ _ARTICLE = re.compile(r"\b([Aa])n? (?=(\S+))")  # an article and, looked at but 
 _VOWEL_SOUND = re.compile(r"[aeio]|u(?!ni|s[aeiu])|8|11|18")  # "an oversized", "an unadorned", "an 8"; "a uniform"
 
 
+def covers(dataset: str, class_names: tuple[str, ...]) -> bool:
+    """Whether the corpus speaks of this data set (and of as many classes as it has)."""
+    return dataset in DATASETS and len(NOUNS[dataset]) == len(class_names)
+
+
 def check(dataset: str, split: str = "train") -> None:
     """A data set the corpus speaks of, and a split it has."""
     if dataset not in DATASETS:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from genfast import attributes, caption_scores, checkpoint, corpus, data, images, pretrained, seeding
+from genfast import attributes, checkpoint, corpus, data, images, pretrained, seeding
 from genfast.devices import resolve_device
 from genfast.errors import GenfastError
 from genfast.families import Sampler
@@ -440,7 +440,7 @@ def _real_clip_scores(modules: dict[str, nn.Module], config, seed: int) -> dict[
     test = data.load(config.dataset, "test", image_size=config.image_size, channels=config.channels)
     pick = torch.randperm(len(test), generator=seeding.generator(seed, "clip-real-pick"))[:REAL_CLIP_IMAGES]
     pixels, labels = test.images[pick], test.labels[pick]
-    if caption_scores.has_corpus(config.dataset, config.class_names):
+    if corpus.covers(config.dataset, config.class_names):
         captions = corpus.captions_for(config.dataset, pixels, labels, seed, "held_out")
     else:
         captions = [text.captions(config.dataset, config.class_names)[label][0] for label in labels.tolist()]

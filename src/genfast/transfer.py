@@ -9,15 +9,20 @@ Two kinds of model do it, each in its own way:
   the CVAE explains the image best (the lowest negative ELBO: the model as its own
   classifier), unless it is known (the samples of a model of the same classes).
 - **A token model** (family `ar`): the checkpoint's VQ-VAE encodes the image into its grid
-  of tokens, a share of them (1 - strength) is kept, and the model re-generates the rest
-  under the new condition, a class or a prompt (`strength` as in SDEdit, Meng et al.,
-  2022). A causal model keeps the first tokens in raster order, the only ones it can
-  condition on: they fill its cache (decoders.continue_kv). A masked (MaskGIT) model keeps
-  the source tokens it finds most likely under the new condition and fills the other
-  positions in its usual steps (decoders.continue_parallel), so what is re-made is what
-  disagrees with the target. Strength 0 is the tokenizer's round trip of the image,
-  strength 1 a plain sample: image i of `genfast sample` for that condition and seed,
-  whatever the source (noise row i is source i's).
+  of tokens, and the model re-generates the grid under the new condition, a class or a
+  prompt, keeping a share of the source's tokens that `strength` sets (as in SDEdit, Meng
+  et al., 2022: 0 is the tokenizer's round trip of the image, 1 a plain sample, image i of
+  `genfast sample` for that condition and seed, whatever the source: noise row i is source
+  i's). What is kept is what agrees with the target, on both kinds of token model:
+  - a causal model decodes the whole grid in raster order with each source token's
+    probability multiplied by strength ** -FAVOUR_POWER (decoders.favoured_kv): the source's
+    token stays wherever the target finds it likely enough, and is re-made where it does not.
+    (Keeping a raster prefix instead, the first (1 - strength) of the tokens, keeps the top
+    of the source whatever it shows, and reached a worse balance of target and style at
+    every strength: BENCHMARKS.md, "Style transfer".)
+  - a masked (MaskGIT) model keeps the (1 - strength) share of the source's tokens that it
+    finds most likely under the new condition and fills the other positions in its usual
+    steps (decoders.continue_parallel).
 
 Sources are image files (of the model's size, `images.read_image`), folders of them, or a
 model's own samples (what `genfast sample MODEL -n N --seed S` writes, in its PNG pixels).
@@ -46,11 +51,14 @@ from genfast.families.ar.family import options_of
 from genfast.families.vae import kl_to_standard_normal, reconstruction_nll, to_pixels
 
 # How a token model re-generates unless told otherwise, chosen by measurement (BENCHMARKS.md,
-# "Style transfer": the target's accuracy against the style kept, at every strength). The share of
-# the grid re-generated, per objective, since a raster prefix and positions the model picks keep
-# different things; and classifier-free guidance, which pulls the new tokens to the target
-# against the context of the kept ones (without it, the kept ones decide the class).
-DEFAULT_STRENGTH = {"causal": 0.8, "masked": 0.7}
+# "Style transfer": the target's accuracy against the style kept, at every strength), per objective,
+# since the two keep tokens in different ways (module docstring); and classifier-free guidance,
+# which pulls the new tokens to the target against the context of the kept ones (without it, the
+# kept ones decide the class).
+DEFAULT_STRENGTH = {"causal": 0.4, "masked": 0.7}
+# A causal model's favour of the source's tokens at strength s is s ** -FAVOUR_POWER: 10 spreads the
+# useful range (favours of ~10 to ~1e7, BENCHMARKS.md) over strengths 0.2 to 0.8.
+FAVOUR_POWER = 10
 DEFAULT_CFG = 5.0
 DEFAULT_SAMPLES = 10  # sources taken from a model, unless -n says how many
 CHECKPOINT_SUFFIX = ".safetensors"
@@ -81,7 +89,7 @@ class Result:
     targets: list[Target]
     images: torch.Tensor              # (N, T, C, H, W) in [-1, 1]: source i under target j
     source_classes: list[str] | None  # the class each source was read as (CVAE), else None
-    strength: float | None            # token models: the share re-generated
+    strength: float | None            # token models: how much was re-generated
     seed: int
 
 
@@ -128,8 +136,8 @@ class LatentTransfer(Transfer):
 
     def checked_strength(self, strength: float | None) -> None:
         if strength is not None:
-            raise GenfastError(f"--strength is the share of a token model's grid re-generated; {self.name} is a CVAE, "
-                               "which keeps the whole latent: drop --strength")
+            raise GenfastError(f"--strength is how much of a token model's grid is re-generated; {self.name} is a "
+                               "CVAE, which keeps the whole latent: drop --strength")
 
     @torch.inference_mode()
     def apply(self, pixels, labels, targets, strength, seed, start):
@@ -174,13 +182,12 @@ class TokenTransfer(Transfer):
         if strength is None:
             return DEFAULT_STRENGTH[self.config.objective]
         if not 0 <= strength <= 1:  # written so, NaN fails too
-            raise GenfastError(f"--strength is the share of the tokens re-generated, from 0 (the source's own tokens) "
+            raise GenfastError(f"--strength is how much of the grid is re-generated, from 0 (the source's own tokens) "
                                f"to 1 (a new image); got {strength:g}")
         return strength
 
     @torch.inference_mode()
     def apply(self, pixels, labels, targets, strength, seed, start):
-        kept = round((1 - strength) * self.net.sequence_length)
         device = self.sampler.device
         tokens = self.tokenizer.encode(images.to_float(pixels).to(device))
         # Gaussian noise -> uniforms, as the sampler draws them: row i is image start + i of the seed.
@@ -188,14 +195,19 @@ class TokenTransfer(Transfer):
         made = []
         for target in targets:
             prefix = self.net.prefix(target.condition.to(device).expand(len(tokens), *target.condition.shape))
-            made.append(self.tokenizer.decode(self.remake(prefix, tokens, kept, uniforms)))
+            made.append(self.tokenizer.decode(self.remake(prefix, tokens, strength, uniforms)))
         return torch.stack(made, 1), None
 
-    def remake(self, prefix: torch.Tensor, tokens: torch.Tensor, kept: int, uniforms: torch.Tensor) -> torch.Tensor:
-        """`tokens` with all but `kept` of them re-generated under `prefix`."""
+    def remake(self, prefix: torch.Tensor, tokens: torch.Tensor, strength: float,
+               uniforms: torch.Tensor) -> torch.Tensor:
+        """`tokens` re-generated under `prefix` at `strength` (module docstring)."""
+        if strength == 0:  # the source itself (a causal model's favour would be infinite)
+            return tokens
         network = decoders.Network(self.net)
         if self.config.objective == "causal":
-            return decoders.continue_kv(network, prefix, tokens[:, :kept], uniforms, self.options)[0]
+            favour = strength ** -FAVOUR_POWER
+            return decoders.favoured_kv(network, prefix, tokens, favour, uniforms, self.options)[0]
+        kept = round((1 - strength) * self.net.sequence_length)
         masked = ~self.likely_positions(prefix, tokens, kept)
         return decoders.continue_parallel(network, prefix, tokens, masked, uniforms, self.options)[0]
 

@@ -91,7 +91,7 @@ def caption_sources(dataset: str, class_names: tuple[str, ...]) -> list[str]:
     templates (their slots left out), and the words its assembly adds; or the generic phrasings of the
     class names. WordPiece splits text into words at spaces and punctuation and each word into pieces
     on its own, so the pieces of these strings are the pieces of every caption made from them."""
-    if not caption_scores.has_corpus(dataset, class_names):
+    if not corpus.covers(dataset, class_names):
         return [p for phrasings in text.captions(dataset, class_names) for p in phrasings]
     nouns = [n for words in corpus.NOUNS[dataset] for n in words.train]
     adjectives = [w for levels in corpus.ADJECTIVES[dataset].values() for words in levels.values()
@@ -157,7 +157,7 @@ def decode_text(tokens: torch.Tensor, vocabulary: tuple[str, ...]) -> list[str]:
 
 def attribute_names(config: CaptionerConfig) -> tuple[str, ...]:
     """The attributes its captions have words for (none for a data set without a corpus)."""
-    if not caption_scores.has_corpus(config.dataset, config.class_names):
+    if not corpus.covers(config.dataset, config.class_names):
         return ()
     return tuple(corpus.ADJECTIVES[config.dataset])
 
@@ -200,17 +200,7 @@ def judge_weights(config, train_set) -> tuple[dict[str, Any], dict[str, torch.Te
     """Before a new run: the config changes naming the judge (`classifier`, default the shipped
     classifier-<data set>) and its weights, checked against the data set's images."""
     name = config.classifier or f"classifier-{train_set.name}"
-    try:
-        judge = checkpoint.load(name)
-    except GenfastError as e:
-        raise GenfastError(f"a {train_set.name} image reader starts from a classifier of its data set and found none "
-                           f"({e}); train one with 'genfast train classifier --data {train_set.name} --out DIR' and "
-                           "pass classifier=DIR/checkpoint.safetensors") from None
-    if judge.family != "classifier":
-        raise GenfastError(f"classifier={name} is a '{judge.family}' checkpoint, not a classifier")
-    if list(judge.dataset["image_shape"]) != list(train_set.image_shape):
-        raise GenfastError(f"classifier {name} reads {judge.dataset['image_shape']} images, the data set has "
-                           f"{list(train_set.image_shape)}; give a classifier of this data set")
+    judge = checkpoint.load_part(name, "classifier", "classifier", train_set)
     return ({"classifier": str(name), "classifier_config": json.dumps(judge.config)},
             {key: value.float() for key, value in judge.modules["classifier"].items()})
 

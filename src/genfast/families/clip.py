@@ -13,10 +13,11 @@ text side frozen: MiniLM's sentence embeddings (families/ar/text.py) under one t
   only for the image it was drawn for: a batch holds many images of one class and third, whose
   captions are no negatives of each other.
 - Captions: MiniLM embeds a few dozen captions a second on one CPU core, far too slow for every
-  step, so a pool is embedded once when training starts: `pool_per_cell` corpus captions for every
-  cell (class, third of each attribute), 3,240 for Fashion-MNIST. A step gives each image a random
-  caption of its cell. The pool is a module of its own (`pool`), kept in training checkpoints (a
-  resumed run needs it) and left out of slim ones. A data set without a corpus has one cell per
+  step, so the captions are drawn and embedded once when a run starts (text.CaptionPool, the text
+  models' pool): `pool_per_cell` corpus captions for every cell (class, third of each attribute),
+  3,240 for Fashion-MNIST, with what each caption's words say of each attribute. A step gives each
+  image a random caption of its cell. The pool is drawn from the run's seed, so a resumed run
+  rebuilds the same one; checkpoints do not keep it. A data set without a corpus has one cell per
   class, captioned with its class names' generic phrasings.
 
 Scores (`evaluate`, at every checkpoint and in `genfast eval`): zero-shot class accuracy on the test
@@ -30,7 +31,6 @@ split's words (those the text head was trained on: held-out words reach it throu
 
 from __future__ import annotations
 
-import itertools
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +50,6 @@ from genfast.families.captioner import ImageReader, attribute_names, judge_weigh
 
 MAX_SCALE = 100.0           # CLIP's bound on the logit scale
 TRAIN_PROMPTS_PER_CLASS = 8  # training-split class prompts embedded per class for zero-shot labels (of 120)
-LEVELS = (-1, 0, 1)
 
 
 @dataclass
@@ -77,36 +76,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def cells(config: CLIPConfig) -> int:
-    """(class, third of each attribute) cells of the caption pool."""
-    return config.num_classes * len(LEVELS) ** len(attribute_names(config))
-
-
-def cell_of(labels: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Each image's cell: its class, then its attributes' thirds (levels (B, A) in -1, 0, +1) in base 3."""
-    powers = len(LEVELS) ** torch.arange(levels.shape[1], device=levels.device)
-    return labels * len(LEVELS) ** levels.shape[1] + ((levels.long() + 1) * powers).sum(1)
-
-
-def pool_captions(config: CLIPConfig, seed: int = 0) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """The pool, cell by cell (`cell_of`'s order), pool_per_cell captions each: (captions, their classes (N,),
-    the level each caption's words say of each attribute (N, A): -1, +1, or 0 where it says none)."""
-    names = attribute_names(config)
-    rng = random.Random(f"genfast-clip-pool-{seed}")
-    phrasings = text.captions(config.dataset, config.class_names)
-    captions, labels, said = [], [], []
-    for label in range(config.num_classes):
-        # itertools.product varies the last attribute fastest; cell_of counts the first as the lowest digit.
-        for reversed_levels in itertools.product(LEVELS, repeat=len(names)):
-            levels = dict(zip(names, reversed(reversed_levels)))
-            for _ in range(config.pool_per_cell):
-                caption = (corpus.caption(config.dataset, label, levels, rng, "train") if names
-                           else rng.choice(phrasings[label]))
-                words = dict(caption_scores.read(config.dataset, config.class_names, caption).words)
-                captions.append(caption)
-                labels.append(label)
-                said.append([words.get(name, 0) for name in names])
-    return captions, torch.tensor(labels), torch.tensor(said, dtype=torch.int8).view(len(captions), len(names))
+def said_by(pool: text.CaptionPool, config: CLIPConfig) -> torch.Tensor:
+    """(classes, cells, per_cell, A) int8: the level each pooled caption's words say of each attribute,
+    -1 or +1, and 0 where it says none (caption_scores.read)."""
+    said = [[[[dict(caption_scores.read(config.dataset, config.class_names, caption).words).get(name, 0)
+               for name in pool.names] for caption in cell] for cell in per_class] for per_class in pool.captions]
+    return torch.tensor(said, dtype=torch.int8).view(*pool.embeddings.shape[:3], len(pool.names))
 
 
 class ImageTower(nn.Module):
@@ -137,17 +112,6 @@ class TextHead(nn.Module):
         return self.log_scale.exp().clamp(max=MAX_SCALE)
 
 
-class CaptionPool(nn.Module):
-    """The captions a run trains on, as MiniLM embeddings, with what each says (pool_captions)."""
-
-    def __init__(self, c: CLIPConfig):
-        super().__init__()
-        size, names = cells(c) * c.pool_per_cell, attribute_names(c)
-        self.register_buffer("embeddings", torch.zeros(size, text.EMBEDDING_DIM))
-        self.register_buffer("labels", torch.zeros(size, dtype=torch.long))
-        self.register_buffer("said", torch.zeros(size, len(names), dtype=torch.int8))
-
-
 def image_embeddings(modules: dict[str, nn.Module], images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """[-1, 1] images -> (N, embed_dim) unit vectors, in eval mode, on the CPU."""
     tower = modules["image"]
@@ -170,7 +134,7 @@ def text_embeddings(modules: dict[str, nn.Module], prompts: list[str]) -> torch.
 
 def _class_prompts(config: CLIPConfig) -> dict[str, list[list[str]]]:
     """Per split, per class, the class-only prompts zero-shot labels are made with."""
-    if not caption_scores.has_corpus(config.dataset, config.class_names):
+    if not corpus.covers(config.dataset, config.class_names):
         return {"train": text.captions(config.dataset, config.class_names)}
     rng = random.Random("genfast-clip-class-prompts")
     train = [rng.sample(prompts, min(TRAIN_PROMPTS_PER_CLASS, len(prompts)))
@@ -196,14 +160,18 @@ class CLIP(Family):
         return "clip"
 
     def prepare(self, config: CLIPConfig, train_set) -> tuple[CLIPConfig, dict[str, dict[str, torch.Tensor]]]:
-        """Before a new run: the data set's name and classes, the judge its image reader starts from, and the
-        caption pool, embedded by MiniLM."""
+        """Before a new run: the data set's name and classes, and the judge its image reader starts from."""
         changes, judge = judge_weights(config, train_set)
         config = configlib.override(config, changes | {"dataset": train_set.name, "class_names": train_set.class_names})
-        captions, labels, said = pool_captions(config)
-        embedded = torch.cat([text.encoder()(captions[i:i + 256]) for i in range(0, len(captions), 256)])
-        return config, {"image": {f"reader.judge.{key}": value for key, value in judge.items()},
-                        "pool": {"embeddings": embedded, "labels": labels, "said": said}}
+        return config, {"image": {f"reader.judge.{key}": value for key, value in judge.items()}}
+
+    def start_run(self, modules: dict[str, nn.Module], config: CLIPConfig, train_set, seed: int) -> None:
+        """The run's caption pool, drawn from its seed and embedded by MiniLM, and what each caption
+        says (said_by), held by the text head for train_step."""
+        head = unwrap(modules["text"])
+        pool = text.CaptionPool.build(config.dataset, config.class_names, train_set.images, train_set.labels,
+                                      config.pool_per_cell, seed).to(head.log_scale.device)
+        head.caption_pool, head.said = pool, said_by(pool, config).to(head.log_scale.device)
 
     def build(self, config: CLIPConfig) -> dict[str, nn.Module]:
         require(config, positive=("width", "hidden", "embed_dim", "batch_size", "lr", "pool_per_cell"),
@@ -211,7 +179,7 @@ class CLIP(Family):
         if not config.conditional or config.num_classes < 2:
             raise GenfastError("a clip model needs a labelled data set with at least 2 classes: its captions name "
                                "the class")
-        return {"image": ImageTower(config), "text": TextHead(config), "pool": CaptionPool(config)}
+        return {"image": ImageTower(config), "text": TextHead(config)}
 
     def optimizers(self, modules: dict[str, nn.Module], config: CLIPConfig) -> dict[str, torch.optim.Optimizer]:
         return {name: torch.optim.AdamW([p for p in modules[name].parameters() if p.requires_grad],  # not the judge's
@@ -221,20 +189,14 @@ class CLIP(Family):
     def train_step(self, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                    images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
                    config: CLIPConfig) -> dict[str, float]:
-        pool, device = modules["pool"], images.device
-        names = attribute_names(config)
-        levels = torch.zeros(len(images), 0, dtype=torch.int8)
-        if names:
-            measured = attributes.training_thresholds(config.dataset).levels(attributes.measure(images), labels.cpu())
-            levels = torch.stack([measured[name] for name in names], 1)
-        levels = levels.to(device)
-        pick = torch.randint(config.pool_per_cell, (len(images),), generator=generator, device=generator.device)
-        rows = cell_of(labels, levels) * config.pool_per_cell + pick.to(device)
-        image, caption = modules["image"](images), modules["text"](pool.embeddings[rows])
-        logits = unwrap(modules["text"]).scale() * image @ caption.T
+        head, device = unwrap(modules["text"]), images.device
+        levels = head.caption_pool.levels(images, labels).to(device)
+        index = head.caption_pool.pick(labels, levels, generator)
+        image, caption = modules["image"](images), modules["text"](head.caption_pool.embeddings[index])
+        logits = head.scale() * image @ caption.T
         # true[i, j]: caption j is true of image i (its class, and every word it says of an attribute).
-        said = pool.said[rows][None]
-        true = (labels[:, None] == pool.labels[rows][None]) & ((said == 0) | (said == levels[:, None])).all(-1)
+        said = head.said[index][None]
+        true = (labels[:, None] == labels[None]) & ((said == 0) | (said == levels[:, None])).all(-1)
         loss = (_soft_cross_entropy(logits, true) + _soft_cross_entropy(logits.T, true.T)) / 2
         for optimizer in optimizers.values():  # linear warm-up, then constant
             step = optimizer.state[optimizer.param_groups[0]["params"][0]].get("step", 0)

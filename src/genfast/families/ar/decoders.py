@@ -252,24 +252,26 @@ def naive(network: Network, prefix: torch.Tensor, noise: torch.Tensor, options: 
 
 def kv(network: Network, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
     """The prefix in one pass (prefill), then one token a pass over a growing cache."""
-    no_tokens = torch.zeros(len(prefix), 0, dtype=torch.long, device=prefix.device)
-    return continue_kv(network, prefix, no_tokens, noise, options)
+    return favoured_kv(network, prefix, None, 1.0, noise, options)
 
 
-def continue_kv(network: Network, prefix: torch.Tensor, leading: torch.Tensor, noise: torch.Tensor,
-                options: Options) -> tuple[torch.Tensor, int]:
-    """kv after given first tokens (`leading`, (B, K)): the prefix and those tokens in one
-    prefill pass, then token i drawn for i >= K exactly as kv draws it (with noise[:, 0, i]),
-    so the rest of a grid is made under a new condition (genfast transfer). K = 0 is kv."""
+def favoured_kv(network: Network, prefix: torch.Tensor, source: torch.Tensor | None, favour: float,
+                noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
+    """kv with a source grid's tokens favoured (genfast transfer): before token i is drawn (with
+    noise[:, 0, i], as kv draws it), the probability of source[:, i] is multiplied by `favour`, so
+    the source's token is kept wherever the condition finds it likely enough, and re-made where
+    it does not. No source, or favour 1, is kv."""
     net, stepper = network.net, network.net.dynamic_step()
     d = Decoder(net, prefix, options)
-    tokens = list(leading.unbind(1))
-    if len(tokens) == d.length:
-        return leading, 0
-    logits = stepper.prefill(torch.cat([d.prefix, net.wte(d.rows(leading))], 1))
+    logits = stepper.prefill(d.prefix)
     positions = torch.arange(net.prefix_tokens, net.prefix_tokens + d.length, device=prefix.device)
-    for i in range(len(tokens), d.length):
-        tokens.append(draw(d.probs(logits), noise[:, 0, i]))
+    tokens = []
+    for i in range(d.length):
+        probs = d.probs(logits)
+        if source is not None and favour != 1.0:
+            mine = source[:, i:i + 1]
+            probs = probs.scatter(1, mine, probs.gather(1, mine) * favour)  # draw normalises
+        tokens.append(draw(probs, noise[:, 0, i]))
         if i + 1 < d.length:
             logits = stepper(d.rows(tokens[-1][:, None]), positions[i:i + 1])
     return torch.stack(tokens, 1), d.passes

@@ -77,23 +77,12 @@ class AR(Family):
         """Before a new run: the tokenizer it builds on (config and weights), and for a text
         model the MiniLM embeddings of the phrasings a class index stands for."""
         name = config.tokenizer or f"vqvae-{train_set.name}"
-        try:
-            tokenizer = checkpoint.load(name)
-        except GenfastError as e:
-            raise GenfastError(f"ar trains on a VQ-VAE's tokens and found none ({e}); train one with "
-                               f"'genfast train vqvae --data {train_set.name} --out DIR' and pass "
-                               "tokenizer=DIR/checkpoint.safetensors") from None
-        if tokenizer.family != "vqvae":
-            raise GenfastError(f"tokenizer {name} is a '{tokenizer.family}' checkpoint, not a vqvae")
-        shape = [tokenizer.config["channels"], tokenizer.config["image_size"], tokenizer.config["image_size"]]
-        if shape != list(train_set.image_shape):
-            raise GenfastError(f"tokenizer {name} encodes {shape} images, but the data set has "
-                               f"{list(train_set.image_shape)}; train a tokenizer on this data set")
+        tokenizer = checkpoint.load_part(name, "vqvae", "tokenizer", train_set)
         changes: dict[str, Any] = {"tokenizer": str(name), "tokenizer_config": json.dumps(tokenizer.config),
                                    "conditional": config.conditional or config.text}
         initial = {"tokenizer": {k: v.float() for k, v in tokenizer.modules["vqvae"].items()}}
         if config.text:
-            if config.captions == "corpus" and train_set.name not in corpus.DATASETS:
+            if config.captions == "corpus" and not corpus.covers(train_set.name, train_set.class_names):
                 changes["captions"] = "classes"  # no corpus speaks of it: its class names, phrased a few ways
             phrasings = text.class_phrasings(train_set.name, train_set.class_names,
                                              changes.get("captions", config.captions))
@@ -108,8 +97,8 @@ class AR(Family):
         so that a resumed run trains on the same captions."""
         if config.text and config.captions == "corpus":
             net = modules["gpt"]
-            net.caption_pool = text.CaptionPool.build(train_set.name, train_set.images, train_set.labels,
-                                                      config.caption_pool, seed).to(net.null.device)
+            net.caption_pool = text.CaptionPool.build(train_set.name, train_set.class_names, train_set.images,
+                                                      train_set.labels, config.caption_pool, seed).to(net.null.device)
 
     def build(self, config: ARConfig) -> dict[str, nn.Module]:
         require(config, positive=("n_layer", "n_head", "n_embd", "prefix_tokens", "batch_size", "lr",

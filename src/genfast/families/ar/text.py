@@ -127,52 +127,83 @@ def class_phrasings(dataset: str, class_names: tuple[str, ...], source: str) -> 
     return captions(dataset, class_names)
 
 
+LEVELS = (-1, 0, 1)  # an attribute's lower, middle and upper third (attributes.Thresholds.levels)
+
+
+def pool_captions(dataset: str, class_names: tuple[str, ...], per_cell: int,
+                  seed: int) -> tuple[tuple[str, ...], list[list[list[str]]]]:
+    """The captions of a CaptionPool, drawn from `seed`: (the attributes with words, [class][cell][k]).
+    A cell is a combination of attribute levels, numbered in base 3 over (level + 1), the first
+    attribute the most significant digit. A data set the corpus does not speak of has no attribute
+    words and one cell per class, captioned with its class names' generic phrasings (`captions`)."""
+    covered = corpus.covers(dataset, class_names)
+    names = tuple(corpus.ADJECTIVES[dataset]) if covered else ()
+    phrasings = captions(dataset, class_names)
+    rng = random.Random(f"genfast-caption-pool-{seed}")
+
+    def one(label: int, levels: tuple[int, ...]) -> str:
+        if not covered:
+            return rng.choice(phrasings[label])
+        return corpus.caption(dataset, label, dict(zip(names, levels)), rng)
+
+    cells = list(itertools.product(LEVELS, repeat=len(names)))
+    return names, [[[one(label, levels) for _ in range(per_cell)] for levels in cells]
+                   for label in range(len(class_names))]
+
+
 @dataclass
 class CaptionPool:
-    """Embedded corpus captions for every class and every combination of attribute levels, and the
-    thresholds that give an image its levels: what a text model on the corpus trains on.
+    """Embedded corpus captions for every class and every combination of attribute levels (a cell),
+    and the thresholds that give an image its levels: what the models that learn from captions
+    (text-conditioned ar models, clip) train on.
 
     An image of class c whose attributes are at levels (l1, ..., lA) (each -1, 0 or +1, against its
-    class's thirds, attributes.py) gets one of the `per_levels` captions drawn for (c, l1..lA) by
+    class's thirds, attributes.py) gets one of the `per_cell` captions drawn for (c, l1..lA) by
     corpus.caption: exactly the corpus's distribution of captions for that image, seen through a
     fixed sample of it, so that the embedding (MiniLM, the slow part) is done once per run instead
     of for every image at every step."""
 
-    embeddings: torch.Tensor  # (classes, 3 ** A, per_levels, EMBEDDING_DIM)
-    captions: list[list[list[str]]]  # the captions embedded, [class][levels][k]
-    names: tuple[str, ...]    # the A attributes with words, in corpus.ADJECTIVES' order; levels are read as a
-    #                           base-3 number of (level + 1), the first attribute most significant
-    thresholds: attributes.Thresholds
+    embeddings: torch.Tensor  # (classes, 3 ** A, per_cell, EMBEDDING_DIM)
+    captions: list[list[list[str]]]  # the captions embedded, [class][cell][k] (pool_captions)
+    names: tuple[str, ...]    # the A attributes with words, in corpus.ADJECTIVES' order
+    thresholds: attributes.Thresholds | None  # None when there are no attribute words
 
     @classmethod
-    def build(cls, dataset: str, train_images: torch.Tensor, train_labels: torch.Tensor, per_levels: int,
-              seed: int) -> CaptionPool:
-        """Thresholds from the training split; per_levels captions for each (class, levels), drawn from
+    def build(cls, dataset: str, class_names: tuple[str, ...], train_images: torch.Tensor,
+              train_labels: torch.Tensor, per_cell: int, seed: int) -> CaptionPool:
+        """Thresholds from the training split; per_cell captions for each (class, cell), drawn from
         `seed`; each distinct caption embedded once."""
-        corpus.check(dataset)
-        names = tuple(corpus.ADJECTIVES[dataset])
-        classes = len(corpus.NOUNS[dataset])
-        thresholds = attributes.thresholds(attributes.measure(train_images), train_labels, classes)
-        rng = random.Random(f"genfast-caption-pool-{seed}")
-        drawn = [[[corpus.caption(dataset, label, dict(zip(names, levels)), rng) for _ in range(per_levels)]
-                  for levels in itertools.product((-1, 0, 1), repeat=len(names))] for label in range(classes)]
+        names, drawn = pool_captions(dataset, class_names, per_cell, seed)
+        thresholds = (attributes.thresholds(attributes.measure(train_images), train_labels, len(class_names))
+                      if names else None)
         flat = list(itertools.chain.from_iterable(itertools.chain.from_iterable(drawn)))
         distinct = list(dict.fromkeys(flat))
         embedded = torch.cat([encoder()(distinct[start:start + 512]) for start in range(0, len(distinct), 512)])
         row = {caption: index for index, caption in enumerate(distinct)}
-        index = torch.tensor([row[caption] for caption in flat]).view(classes, -1, per_levels)
+        index = torch.tensor([row[caption] for caption in flat]).view(len(class_names), -1, per_cell)
         return cls(embedded[index], drawn, names, thresholds)
 
     def to(self, device: torch.device | str) -> CaptionPool:
         return dataclasses.replace(self, embeddings=self.embeddings.to(device))
 
+    def levels(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, A) int8 on the CPU: each image's level of each attribute with words, as measured."""
+        if not self.names:
+            return torch.zeros(len(labels), 0, dtype=torch.int8)
+        measured = self.thresholds.levels(attributes.measure(images), labels.cpu())
+        return torch.stack([measured[name] for name in self.names], 1)
+
+    def pick(self, labels: torch.Tensor, levels: torch.Tensor,
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For each image, the index (class, cell, k) into `embeddings` of a caption of its class and
+        levels, k picked by `generator`; on the embeddings' device."""
+        device = self.embeddings.device
+        powers = len(LEVELS) ** torch.arange(levels.shape[1] - 1, -1, -1)
+        cell = ((levels.cpu().long() + 1) * powers).sum(1)
+        k = torch.randint(self.embeddings.shape[2], (len(labels),), generator=generator, device=generator.device)
+        return labels.to(device), cell.to(device), k.to(device)
+
     def draw(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(B, EMBEDDING_DIM): for each image, the embedding of a caption of its class and its measured
         attribute levels, picked by `generator`."""
-        levels = self.thresholds.levels(attributes.measure(images), labels.cpu())
-        combination = torch.zeros(len(labels), dtype=torch.long)
-        for name in self.names:
-            combination = combination * 3 + (levels[name].long() + 1)
-        pick = torch.randint(self.embeddings.shape[2], (len(labels),), generator=generator, device=generator.device)
-        device = self.embeddings.device
-        return self.embeddings[labels.to(device), combination.to(device), pick.to(device)]
+        return self.embeddings[self.pick(labels, self.levels(images, labels), generator)]
