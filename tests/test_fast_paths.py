@@ -132,3 +132,65 @@ def test_int8_inductor_is_within_int8s_tolerance_and_keeps_the_class(monkeypatch
     judge = metrics.load_judge(sampler.info["dataset"])
     classes = [judge.embed([p], len(p), "", progress=False)[1] for p in (expected, pixels)]
     assert (classes[0] == classes[1]).float().mean() >= 0.95
+
+
+class Upsampler(nn.Module):
+    """A transposed convolution followed by element-wise work, some of it absorbable (tanh, * 2,
+    - 1: numbers only) and some not (a per-channel tensor shift), in the sampler's convention."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, 4 * 3 * 3)
+        self.up = nn.ConvTranspose2d(4, 2, 4, stride=2, padding=1)
+        self.register_buffer("shift", torch.randn(2, 1, 1))
+
+    def forward(self, noise, labels=None):
+        x = self.up(self.fc(noise).view(-1, 4, 3, 3))
+        return torch.tanh(x) * 2 - 1 + self.shift
+
+
+@pytest.mark.parametrize("form", ["transposed", "sub-pixel"])
+def test_each_transposed_convolution_takes_the_form_timed_faster(form, monkeypatch):
+    from genfast.engines import fusion
+    from genfast.engines.subpixel import SubPixelConv
+
+    monkeypatch.setattr(fusion, "fastest", lambda forms, call, device, repeats: form)
+    model = Upsampler().eval()
+    noise = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(noise)
+    graph = fx.symbolic_trace(model, concrete_args={"labels": None})
+    chosen, rewritten = fusion.fastest_forms(graph, noise, None)
+    assert rewritten == (["up"] if form == "sub-pixel" else [])
+    assert isinstance(chosen.up, SubPixelConv) == (form == "sub-pixel")
+    with torch.no_grad():
+        assert torch.allclose(chosen(noise), expected, atol=1e-5)
+    if form == "sub-pixel":
+        # tanh, * 2 and - 1 now run inside the layer, before its shuffle; the tensor shift,
+        # which would not follow the shuffle's permutation, stays in the graph after it.
+        names = [str(node.target) for node in chosen.graph.nodes if node.op == "call_function"]
+        assert not any("tanh" in name or "mul" in name or "sub" in name for name in names)
+        assert any("add" in name for name in names)
+        assert len(chosen.up.pointwise) == 3
+
+
+def test_bf16_after_fused_chooses_the_layout_again_in_bf16(monkeypatch):
+    from genfast.engines import fusion
+
+    def timed(candidates, call, device, repeats):
+        """The timing of the AMX Xeon: channels_last faster in bf16 only; otherwise the default."""
+        first = next(iter(candidates.values()))
+        if "channels_last" in candidates and next(first.parameters()).dtype == torch.bfloat16:
+            return "channels_last"
+        return next(iter(candidates))
+
+    monkeypatch.setattr(fusion, "fastest", timed)
+    sampler = genfast.load("gan-mnist")
+    fused = engines.apply(sampler, "fused")
+    lowered = engines.apply(sampler, "fused+bf16")
+    assert fused.info["layout"] == "contiguous" and lowered.info["layout"] == "channels_last"
+    assert lowered.module.inner.up1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert "layout" not in engines.apply(sampler, "bf16").info  # bf16 alone changes the precision only
+    noise = sampler.noise(16, 1)
+    assert (lowered(noise) - sampler(noise)).abs().max() < engines.tolerance("fused+bf16").max_abs

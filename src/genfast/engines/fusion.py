@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from genfast import timing
+from genfast.engines.subpixel import SubPixelConv, absorb_pointwise, rewritable
 
 FOLDABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -76,18 +77,65 @@ def fold_batchnorm(module: nn.Module, conditional: bool, into_bias: bool = False
     return graph_module
 
 
+def fastest_forms(module: nn.Module, noise: torch.Tensor, labels: torch.Tensor | None,
+                  repeats: int = 5) -> tuple[nn.Module, list[str]]:
+    """`module` with each transposed convolution in whichever of its two forms runs faster here
+    on the input it gets from the probe batch: as it is, or as a sub-pixel convolution (an
+    ordinary convolution and a pixel shuffle, subpixel.py; the same arithmetic, reordered).
+    Returns the module and the names of the layers rewritten.
+
+    Why per layer: on the Intel Xeon with AMX the seed generator's last layer (64 -> 1
+    channel) ran 2.1x faster as a sub-pixel convolution in fp32 (6.0 -> 2.9 ms at batch 256)
+    and 2.5x in bf16 (1.8 -> 0.73 ms): oneDNN's transposed convolution with one output
+    channel cannot fill a vector register, let alone an AMX tile, while the rewrite gives it
+    four. Its first layer (128 -> 64) ran 1.5-2x *slower* rewritten (2.7 against 5.3 ms
+    in bf16): there the transposed kernel is the efficient one (BENCHMARKS.md, issue 17)."""
+    layers = {name: layer for name, layer in module.named_modules() if rewritable(layer)}
+    if not layers:
+        return module, []
+    device = next(module.parameters()).device
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep_input(name: str):
+        def hook(_, args) -> None:
+            inputs[name] = args[0]
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(keep_input(name)) for name, layer in layers.items()]
+    with torch.inference_mode():
+        module(noise.to(device), None if labels is None else labels.to(device))
+    for hook in hooks:
+        hook.remove()
+    rewritten = []
+    for name, layer in layers.items():
+        forms = {"transposed": layer, "sub-pixel": SubPixelConv(layer)}
+        with torch.inference_mode():
+            best = fastest(forms, lambda form, x=inputs[name]: form(x), device, repeats)
+        if best == "sub-pixel":
+            parent, _, attribute = name.rpartition(".")
+            setattr(module.get_submodule(parent), attribute, forms[best])
+            rewritten.append(name)
+    if rewritten and isinstance(module, fx.GraphModule):
+        absorb_pointwise(module)
+    return module, rewritten
+
+
 def fastest_layout(module: nn.Module, noise: torch.Tensor, labels: torch.Tensor | None,
                    repeats: int = 5) -> tuple[nn.Module, str]:
     """`module` in whichever memory layout runs the probe batch faster here: "contiguous"
     (NCHW) or "channels_last" (NHWC weights, which convolutions then propagate).
 
     Measured on the 2-core VM, channels_last made the VAE decoder ~10% faster and the
-    DCGAN generator ~6% slower; on GPUs it is what tensor cores want. Timing both, as
-    cuDNN's benchmark mode does for its algorithms, beats a fixed rule; the layouts
-    give the same numbers to fp32 rounding, so the choice changes speed only."""
+    DCGAN generator ~6% slower; on GPUs it is what tensor cores want; on the Intel Xeon
+    with AMX, bf16 convolutions ran 1.5x faster in it while fp32's were a few % slower,
+    which is why bf16 after fused chooses again (precision.py). Timing both, as cuDNN's
+    benchmark mode does for its algorithms, beats a fixed rule; the layouts give the same
+    numbers to fp32 rounding, so the choice changes speed only. The module is converted,
+    not copied: the caller passes its own copy."""
     if not any(p.dim() == 4 for p in module.parameters()):
         return module, "contiguous"
-    candidates = {"contiguous": module, "channels_last": copy.deepcopy(module).to(memory_format=torch.channels_last)}
+    candidates = {"contiguous": copy.deepcopy(module).to(memory_format=torch.contiguous_format),
+                  "channels_last": module.to(memory_format=torch.channels_last)}
     device = next(module.parameters()).device
     noise, labels = noise.to(device), None if labels is None else labels.to(device)
     with torch.inference_mode():

@@ -12,6 +12,13 @@ the layer in fp32 and dequantises its weights on every call), but it does have
 QLinearConv. The seed's generator spends 90% of its FLOPs in its first transposed
 convolution, so int8 inference of it needs this rewrite.
 
+The layer applies the element-wise functions that followed it in the network (`absorb_pointwise`)
+before its pixel shuffle rather than after: the same numbers (an element-wise function commutes
+with a permutation of its elements), but compiled, inductor otherwise fuses the shuffle's
+gather into the function's loop, whose strided, divided indices then do not vectorise (the
+seed generator's final tanh: a 1.5 ms scalar loop of 5.9 ms at batch 256 on the AMX Xeon;
+applied before the shuffle, the whole graph ran 5.6 -> 4.5 ms).
+
 Only layers whose output is exactly s times the input (K - 2p + output_padding = s,
 K divisible by s, no groups or dilation) are rewritten; others are left as they are.
 """
@@ -19,9 +26,18 @@ K divisible by s, no groups or dilation) are rewritten; others are left as they 
 from __future__ import annotations
 
 import copy
+import operator
+from collections.abc import Callable
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
+
+# Element-wise functions a sub-pixel layer can apply before its shuffle: applied to one tensor,
+# their other arguments numbers (a tensor argument, e.g. a per-channel shift, would not
+# follow the permutation).
+POINTWISE = (torch.tanh, torch.sigmoid, torch.relu, F.relu, F.leaky_relu, F.silu, F.gelu,
+             operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul)
 
 
 def _phase_plan(kernel: int, stride: int, padding: int) -> tuple[int, int, list[tuple[int, int]]]:
@@ -58,11 +74,14 @@ class SubPixelConv(nn.Module):
             self.conv.bias.data.copy_(layer.bias.detach().repeat(stride * stride))
         self.stride, self.out_channels = stride, weight.shape[1]
         self.offsets = [offset for offset, _ in phases]
+        self.pointwise: list[Callable[[torch.Tensor], torch.Tensor]] = []  # absorb_pointwise fills it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         s, c = self.stride, self.out_channels
         y = self.conv(x)
+        for function in self.pointwise:
+            y = function(y)
         crops = [y[:, (a * s + b) * c:(a * s + b + 1) * c, top:top + height, left:left + width]
                  for a, top in enumerate(self.offsets) for b, left in enumerate(self.offsets)]
         y = torch.stack(crops, 2).unflatten(2, (s, s))         # (B, C, a, b, H, W)
@@ -85,4 +104,49 @@ def subpixel(module: nn.Module) -> nn.Module:
         if rewritable(layer):
             parent, _, attribute = name.rpartition(".")
             setattr(module.get_submodule(parent), attribute, SubPixelConv(layer))
+    return module
+
+
+class Applied:
+    """One absorbed element-wise call: `target(*args, **kwargs)` with the layer's output where
+    the graph had the layer's node. A class, not a closure, so that the module deep-copies."""
+
+    def __init__(self, node: fx.Node, source: fx.Node):
+        self.target, self.kwargs = node.target, dict(node.kwargs)
+        self.position = node.args.index(source)
+        self.args = [None if a is source else a for a in node.args]  # numbers only: no graph node kept
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        args = list(self.args)
+        args[self.position] = y
+        return self.target(*args, **self.kwargs)
+
+
+def _absorbable(node: fx.Node, source: fx.Node) -> bool:
+    others = [a for a in node.args if a is not source] + list(node.kwargs.values())
+    return (node.op == "call_function" and node.target in POINTWISE and node.args.count(source) == 1
+            and all(isinstance(a, (int, float, bool)) for a in others))
+
+
+def absorb_pointwise(module: fx.GraphModule) -> fx.GraphModule:
+    """Move the element-wise calls that follow each SubPixelConv (and only it reads) into the
+    layer, which applies them before its shuffle (see the module's docstring). In place."""
+    layers = dict(module.named_modules())
+    for node in list(module.graph.nodes):
+        if node.op != "call_module" or not isinstance(layers[node.target], SubPixelConv):
+            continue
+        last = node
+        while len(last.users) == 1 and _absorbable(user := next(iter(last.users)), last):
+            layers[node.target].pointwise.append(Applied(user, last))
+            last = user
+        if last is not node:
+            last.replace_all_uses_with(node)
+            absorbed, cursor = [], last
+            while cursor is not node:
+                absorbed.append(cursor)
+                cursor = next(a for a in cursor.args if isinstance(a, fx.Node))
+            for dead in absorbed:  # last first: each has no users left once the one after it is gone
+                module.graph.erase_node(dead)
+    module.graph.lint()
+    module.recompile()
     return module
