@@ -100,7 +100,12 @@ def inductor_int8(sampler: Sampler) -> Bucketed:
     labels = sampler.labels(CALIBRATION_BATCH)
     batch = torch.export.Dim("batch", min=1)
     example = (sampler.noise(CALIBRATION_BATCH, 0),) + ((labels,) if sampler.conditional else ())
-    exported = torch.export.export(network, example, dynamic_shapes=tuple({0: batch} for _ in example)).module()
+    # strict (dynamo-traced) export: it records each node's source layer (`source_fn_stack`),
+    # by which the x86 quantiser finds convolutions. torch 2.13's default non-strict export
+    # records none, and the quantiser then annotated the linear layer only: the convolutions,
+    # 95% of the work, ran in fp32 (1.03x eager at batch 256 on the AMX Xeon).
+    exported = torch.export.export(network, example, dynamic_shapes=tuple({0: batch} for _ in example),
+                                   strict=True).module()
     quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():  # the observers record each input's range

