@@ -194,3 +194,19 @@ def test_bf16_after_fused_chooses_the_layout_again_in_bf16(monkeypatch):
     assert "layout" not in engines.apply(sampler, "bf16").info  # bf16 alone changes the precision only
     noise = sampler.noise(16, 1)
     assert (lowered(noise) - sampler(noise)).abs().max() < engines.tolerance("fused+bf16").max_abs
+
+
+def test_shifts_move_into_the_biases_of_bias_free_layers_exactly():
+    from genfast.engines.fusion import SHIFT_PREFIX, shifts_into_biases
+
+    sampler = genfast.load("gan-mnist")
+    folded = fold_batchnorm(sampler.module, conditional=False)
+    assert any(node.target is torch.add for node in folded.graph.nodes)  # the shifts fold_batchnorm left apart
+    noise = sampler.noise(16, 4)
+    with torch.no_grad():
+        expected = folded(noise)
+        moved = shifts_into_biases(folded)
+        assert torch.allclose(moved(noise), expected, atol=1e-5)
+    assert not any(node.target is torch.add for node in moved.graph.nodes)
+    assert moved.fc.bias is not None and moved.up1.bias is not None
+    assert not any(name.startswith(SHIFT_PREFIX) for name, _ in moved.named_buffers())

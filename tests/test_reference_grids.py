@@ -8,8 +8,10 @@ image (every pass redrafts every unsettled position), so the fp32 rounding of an
 moves a draw across a boundary of its inverse CDF now and then, and one changed draft
 changes the rest of the image (recorded on the AMD EPYC; on the Intel AMX Xeon 2 of its 4
 images differed, at any thread count, while kv's 6 matched). Its exactness is tested where it
-does not depend on the CPU: test_ar.py, against the sequential distribution. After re-shipping a model, re-record its grids with
-`python tests/test_reference_grids.py` and say so in the commit.
+does not depend on the CPU: test_ar.py, against the sequential distribution.
+
+After re-shipping a model, re-record its grids with `python tests/test_reference_grids.py`
+and say so in the commit.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from genfast.engines import auto
 from genfast.engines.auto import TOLERANCES, Tolerance, tolerance  # noqa: F401 (each engine's, for its tests)
 from genfast.engines.compiled import Bucketed
 from genfast.engines.cudagraph import GraphReplay, require_cuda
-from genfast.engines.fusion import fastest_forms, fastest_layout, fold_batchnorm
+from genfast.engines.fusion import fastest_forms, fastest_layout, fold_batchnorm, shifts_into_biases
 from genfast.engines.onnx import LoopRuntime, PartRuntime, int8_runtime, onnx_runtime
 from genfast.engines.precision import reduced
 from genfast.engines.quantized import inductor_int8
@@ -60,12 +60,15 @@ def fused(sampler: Sampler) -> Sampler:
 
 
 def lowered(sampler: Sampler, dtype: torch.dtype) -> Sampler:
-    """bf16 / fp16 (precision.py). After fused, whose memory layout was chosen in fp32, the
-    layout is chosen again in the new precision: on the Intel Xeon with AMX the seed
-    generator's bf16 convolutions ran 1.5x faster channels_last, its fp32 ones a few % slower."""
+    """bf16 / fp16 (precision.py). After fused, which chose for fp32, two choices are made
+    again for the new precision: BatchNorm's shifts go into the layers' biases
+    (shifts_into_biases says why), and the memory layout is timed again (on the Intel Xeon
+    with AMX the seed generator's bf16 convolutions ran 1.5x faster channels_last, its fp32
+    ones a few % slower)."""
     module = reduced(sampler, dtype)
     if "layout" not in sampler.info:
         return rewrap(sampler, module)
+    shifts_into_biases(module.inner)
     module, layout = fastest_layout(module, sampler.noise(64, 0), sampler.labels(64))
     return rewrap(sampler, module, layout=layout)
 
