@@ -176,8 +176,8 @@ def measure(sampler: Sampler, engine_names: list[str], batch_sizes: list[int], r
             warmup: int = 3, fid_n: int = 0, seed: int = 0, progress: bool = True,
             decodes: list[str] | None = None, profile: Path | None = None, peak: Peak | None = None) -> list[Row]:
     """Rows in engine order (then decode), then batch size. The timed calls of all
-    variants are interleaved (round robin), so a machine that speeds up or slows down
-    during the run skews none. For an ar model, `decodes` are its decoding strategies;
+    variants are interleaved (round robin, the order rotating), so a machine that speeds up
+    or slows down during the run skews none. For an ar model, `decodes` are its decoding strategies;
     each engine's rows are compared with eager under the same strategy. With `profile`
     (a folder), each row's trace is written there after its timed calls. Every row gets
     its achieved GFLOP/s (useful_work), and with `peak` (genfast.peak.measure()) its
@@ -218,9 +218,12 @@ def measure(sampler: Sampler, engine_names: list[str], batch_sizes: list[int], r
                                             peak_memory_mb=_peak_memory_mb(call, device),
                                             forward_passes_per_image=passes)
         times: dict[tuple[str, str | None], list[float]] = {key: [] for key in ready}
-        calls = {key: functools.partial(fast, noise, labels) for key, (fast, _) in ready.items()}
-        for _ in range(repeats):
-            for (name, decode), call in calls.items():
+        calls = list({key: functools.partial(fast, noise, labels) for key, (fast, _) in ready.items()}.items())
+        # The order rotates each round: what runs before a call changes its speed (a call after
+        # ONNX Runtime's ran 10-25% slower on the AMX Xeon, whichever engine it was), so each
+        # variant follows each other equally often.
+        for round_ in range(repeats):
+            for (name, decode), call in calls[round_ % len(calls):] + calls[:round_ % len(calls)]:
                 times[name, decode].append(timing.seconds(call, device, _label(name, decode, batch)))
         for (name, decode), seconds in times.items():
             fast = ready[name, decode][0]
@@ -242,7 +245,7 @@ def measure(sampler: Sampler, engine_names: list[str], batch_sizes: list[int], r
             if (name, "naive") in ready:
                 row.speedup_vs_naive = row.images_per_s / rows[name, "naive", batch].images_per_s
         if profile is not None:
-            for (name, decode), call in calls.items():
+            for (name, decode), call in calls:
                 row = rows[name, decode, batch]
                 row.trace = str(Path(profile) / trace_name(name, decode, batch))
                 row.top_operators = _profiled(call, device, _label(name, decode, batch), Path(row.trace))
