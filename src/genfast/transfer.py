@@ -238,6 +238,10 @@ def load(name_or_path: str | Path, device: str = "cpu", cfg: float | None = None
         raise GenfastError(f"{name_or_path} is an unconditional {family.model_name(config)}: there is no other "
                            "class or prompt to decode an image under; give a conditional model (cvae-..., ar-..., "
                            "ar-text-...)")
+    if ckpt.family == "ar" and config.objective not in DEFAULT_STRENGTH:
+        raise GenfastError(f"{name_or_path} is a {family.model_name(config)} model ({config.objective} objective), "
+                           "which style transfer does not support; give a causal or MaskGIT token model (ar-..., "
+                           "ar-text-..., maskgit-text-...) or a CVAE (cvae-...)")
     if ckpt.family == "ar":
         config = configlib.override(config, {"cfg": DEFAULT_CFG if cfg is None else cfg})
         family.check_sampling(config)

@@ -21,6 +21,14 @@ image tokens, and counts its forward passes (what a speed-up must cut):
 - `parallel`: MaskGIT (Chang et al., CVPR 2022): a bidirectional transformer trained to
               fill masked tokens fixes the most confident ones each step, on a cosine
               schedule, in a fixed number of steps. Needs the `masked` objective.
+- `scales`:   next-scale prediction (VAR: Tian et al., NeurIPS 2024): every token of a
+              scale drawn in one pass, from the coarser scales and the condition, over a
+              cache of the coarser scales' keys and values (model.ScaleCache). One pass
+              per scale (5 for scales 1,2,3,5,7), each over that scale's tokens alone.
+              Needs the `scales` objective and a multi-scale tokenizer.
+- `scales-naive`: the same, the whole sequence again for every scale (the training
+              pass, the scales not yet drawn hidden by the block-causal mask): the
+              reference `scales` is held to, and a pass of fixed shape for the engines.
 
 Every strategy takes the same arguments (network, prefix, noise, options) and returns
 (tokens, passes); `network` holds the transformer and the two kinds of pass it offers,
@@ -32,7 +40,8 @@ Adding a strategy means a function here and one registry entry.
 Noise: three uniforms per token position, `u` (draws by inverse CDF), `r` (the Jacobi
 acceptance test; MaskGIT's confidence noise) and `v` (Jacobi's draw from the residual
 distribution after a rejection). Sequential decoders use `u` alone, so `naive`, `kv`
-and `static` give the same tokens for the same noise.
+and `static` give the same tokens for the same noise, and so do `scales` and
+`scales-naive` (a token's `u` at its own position, whichever pass draws it).
 """
 
 from __future__ import annotations
@@ -46,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genfast.families.ar.model import ARNet, Step
+from genfast.families.ar.model import ARNet, ScaleCache, Step
+from genfast.families.ar.tokenizer import VQVAENet
 from genfast.families.base import Exported, ExportedLoop, LoopPlan
 
 
@@ -64,11 +74,14 @@ class Network:
     """What a strategy runs. `net` gives the conditioning and the sizes; `forward` is the
     full-sequence pass (prefix, tokens) -> logits at every position, and `static_step(rows,
     options)` the fixed-shape cached step that draws the next token, for a batch of `rows`:
-    by default a fresh one, or an engine's compiled or recorded ones."""
+    by default a fresh one, or an engine's compiled or recorded ones. `tokenizer` is what
+    next-scale decoding turns drawn tokens into the next scale's input with (None for the
+    other strategies, which read token ids)."""
 
     net: ARNet
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     static_step: Callable[[int, Options], SampledStep] | None = None
+    tokenizer: VQVAENet | None = None
 
     def __post_init__(self):
         if self.forward is None:
@@ -408,15 +421,55 @@ def continue_parallel(network: Network, prefix: torch.Tensor, tokens: torch.Tens
     return tokens, d.passes
 
 
+def scales(network: Network, prefix: torch.Tensor, noise: torch.Tensor,
+           options: Options) -> tuple[torch.Tensor, int]:
+    """Next-scale decoding over a ScaleCache: pass k reads scale k's input (the coarser scales'
+    accumulated grid at its side; the prefix comes with scale 0's, in the first pass) with the
+    cached keys and values of everything before it, and draws all of scale k's tokens."""
+    net, tokenizer = network.net, network.tokenizer
+    d = Decoder(net, prefix, options)
+    cache, drawn, accumulated = ScaleCache(), [], tokenizer.empty_grid(d.batch)
+    for scale, span in enumerate(tokenizer.spans):
+        x = net.wte(d.rows(tokenizer.scale_input(accumulated, scale)))
+        if scale == 0:  # the condition counts as the first scale (model.py), and comes in its pass
+            x = torch.cat([d.prefix, x], 1)
+        end = net.prefix_tokens + span.stop
+        positions = torch.arange(end - x.shape[1], end, device=prefix.device)
+        logits = net.step(x, cache, positions)[:, -(span.stop - span.start):]
+        tokens = draw(d.probs(logits), noise[:, 0, span])
+        drawn.append(tokens)
+        if scale + 1 < len(tokenizer.spans):
+            accumulated = accumulated + tokenizer.contribution(tokens, scale)
+    return torch.cat(drawn, 1), d.passes
+
+
+def scales_naive(network: Network, prefix: torch.Tensor, noise: torch.Tensor,
+                 options: Options) -> tuple[torch.Tensor, int]:
+    """Next-scale decoding with no cache: for every scale the whole sequence again, the
+    training pass over the inputs of the tokens drawn so far; the scales not drawn yet stand
+    at token 0, which the block-causal mask keeps from every logit read. Every pass has the
+    same shapes (`forward` is this strategy's fixed part)."""
+    net, tokenizer = network.net, network.tokenizer
+    d = Decoder(net, prefix, options)
+    tokens = torch.zeros(d.batch, d.length, dtype=torch.long, device=prefix.device)
+    for span in tokenizer.spans:
+        logits = network.forward(d.prefix, d.rows(tokenizer.next_scale_inputs(tokens)))
+        scale_logits = logits[:, net.prefix_tokens + span.start:net.prefix_tokens + span.stop]
+        tokens[:, span] = draw(d.probs(scale_logits), noise[:, 0, span])
+    return tokens, d.passes
+
+
 @dataclass(frozen=True)
 class Strategy:
     """A registry entry: the loop, what it needs, and which of its passes has fixed shapes."""
 
     run: Callable[[Network, torch.Tensor, torch.Tensor, Options], tuple[torch.Tensor, int]]
-    objective: str             # the training objective it decodes: "causal" or "masked"
+    objective: str             # the training objective it decodes: "causal", "masked" or "scales"
     fixed: str | None          # its fixed-shape pass: "step" (static_step), "forward", or None (inputs grow)
     summary: str               # one line for --help
-    recordable: bool = False   # the whole decode has one length and never reads a tensor's value on the host
+    # A decode of one length that never reads a tensor's value on the host, which a recorder
+    # (cudagraph) can capture whole: its passes (tokenizer, net) -> count; None: not recordable.
+    recorded_passes: Callable[[VQVAENet, ARNet], int] | None = None
     exported_loop: Callable[[ARNet, Options], ExportedLoop] | None = None  # that decode as chained calls, to export
 
 
@@ -424,10 +477,15 @@ DECODERS: dict[str, Strategy] = {
     "naive": Strategy(naive, "causal", None, "the whole sequence again for every token"),
     "kv": Strategy(kv, "causal", None, "one token a pass over a growing key/value cache"),
     "static": Strategy(static, "causal", "step", "kv over a cache of fixed size: compile wraps its step, cudagraph "
-                       "records all of it, onnx replays it as chained calls", recordable=True,
-                       exported_loop=static_loop),
+                       "records all of it, onnx replays it as chained calls",
+                       recorded_passes=lambda tokenizer, net: net.sequence_length, exported_loop=static_loop),
     "jacobi": Strategy(jacobi, "causal", "forward", "speculative Jacobi: all tokens drafted, checked, redrafted"),
     "parallel": Strategy(parallel, "masked", "forward", "MaskGIT: the most confident masked tokens fixed per step"),
+    "scales": Strategy(scales, "scales", None, "next-scale (VAR): a scale's tokens a pass, over a key/value cache of "
+                       "the coarser scales; cudagraph records all of it",
+                       recorded_passes=lambda tokenizer, net: len(tokenizer.spans)),
+    "scales-naive": Strategy(scales_naive, "scales", "forward", "next-scale, the whole sequence again for every "
+                             "scale"),
 }
 
 

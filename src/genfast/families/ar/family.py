@@ -12,9 +12,11 @@ tokenizer's 7x7 grids read row by row, after a prefix that carries the condition
 - nothing: a learned null prefix. The condition is replaced by it at random in
   training (`p_uncond`), which is what classifier-free guidance (`cfg`) needs.
 
-Two objectives: `causal` (next-token prediction: the naive, kv, static and jacobi
-decoders) and `masked` (MaskGIT: bidirectional attention, a cosine-scheduled
-fraction of tokens replaced by a mask token and predicted: the parallel decoder).
+Three objectives (OBJECTIVES): `causal` (next-token prediction: the naive, kv, static
+and jacobi decoders), `masked` (MaskGIT: bidirectional attention, a cosine-scheduled
+fraction of tokens replaced by a mask token and predicted: the parallel decoder) and
+`scales` (VAR's next-scale prediction over a multi-scale tokenizer: every scale's
+tokens from the true coarser ones, block-causal, in one pass: the scales decoders).
 The decoders (decoders.py) run inside the sampler's network (generator.py).
 
 The checkpoint holds the tokenizer too, so it samples with nothing else; a text
@@ -27,6 +29,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,6 +65,64 @@ def tokenizer_config(config: ARConfig) -> VQVAEConfig:
     return vq
 
 
+# An objective's loss: (gpt: the network as trained, DDP or not; the tokenizer; net: the bare
+# network; the condition prefix; the images' tokens; the run's generator) -> the loss.
+Loss = Callable[[nn.Module, VQVAENet, ARNet, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def next_token_loss(gpt: nn.Module, tokenizer: VQVAENet, net: ARNet, prefix: torch.Tensor, tokens: torch.Tensor,
+                    generator: torch.Generator) -> torch.Tensor:
+    """GPT: every token predicted from the condition and the tokens before it."""
+    logits = gpt(prefix, tokens[:, :-1])[:, net.prefix_tokens - 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+
+
+def masked_token_loss(gpt: nn.Module, tokenizer: VQVAENet, net: ARNet, prefix: torch.Tensor, tokens: torch.Tensor,
+                      generator: torch.Generator) -> torch.Tensor:
+    """MaskGIT: mask a cosine-scheduled fraction, predict the masked tokens."""
+    batch, length = tokens.shape
+    device = tokens.device
+    ratio = torch.cos(math.pi / 2 * torch.rand(batch, generator=generator, device=generator.device)).to(device)
+    count = (ratio * length).ceil().clamp(1, length)
+    scores = torch.rand(batch, length, generator=generator, device=generator.device).to(device)
+    masked = scores.argsort(1).argsort(1) < count[:, None]
+    logits = gpt(prefix, tokens.masked_fill(masked, net.mask_token))[:, net.prefix_tokens:]
+    return F.cross_entropy(logits[masked], tokens[masked])
+
+
+def next_scale_loss(gpt: nn.Module, tokenizer: VQVAENet, net: ARNet, prefix: torch.Tensor, tokens: torch.Tensor,
+                    generator: torch.Generator) -> torch.Tensor:
+    """VAR's teacher forcing: every scale predicted from the true coarser ones, all in one pass."""
+    with torch.no_grad():
+        inputs = tokenizer.next_scale_inputs(tokens)
+    logits = gpt(prefix, inputs)[:, net.prefix_tokens:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A registry entry: how a model of this training objective is called, what it builds on
+    and its loss. The decoders that fit it say so themselves (decoders.DECODERS)."""
+
+    name: str               # the model's name for people ("-text" added for a text model)
+    tokenizer: str          # the shipped tokenizer it builds on unless told: <tokenizer>-<data set>
+    loss: Loss
+    multi_scale: bool = False  # needs a multi-scale tokenizer (tokenizer.py, `scales`)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "causal": Objective("ar", "vqvae", next_token_loss),
+    "masked": Objective("maskgit", "vqvae", masked_token_loss),
+    "scales": Objective("var", "vqvae-multiscale", next_scale_loss, multi_scale=True),
+}
+
+
+def objective_of(config: ARConfig) -> Objective:
+    if config.objective not in OBJECTIVES:
+        raise GenfastError(f"objective must be one of {', '.join(OBJECTIVES)}, got '{config.objective}'")
+    return OBJECTIVES[config.objective]
+
+
 class AR(Family):
     name = "ar"
     config_class = ARConfig
@@ -70,13 +132,13 @@ class AR(Family):
     sampling_keys = ("decode", "cfg", "temperature", "top_k", "parallel_steps", "jacobi_window")
 
     def model_name(self, config: ARConfig) -> str:
-        base = "maskgit" if config.objective == "masked" else "ar"
+        base = objective_of(config).name
         return f"{base}-text" if config.text else base
 
     def prepare(self, config: ARConfig, train_set) -> tuple[ARConfig, dict[str, dict[str, torch.Tensor]]]:
         """Before a new run: the tokenizer it builds on (config and weights), and for a text
         model the MiniLM embeddings of the phrasings a class index stands for."""
-        name = config.tokenizer or f"vqvae-{train_set.name}"
+        name = config.tokenizer or f"{objective_of(config).tokenizer}-{train_set.name}"
         tokenizer = checkpoint.load_part(name, "vqvae", "tokenizer", train_set)
         changes: dict[str, Any] = {"tokenizer": str(name), "tokenizer_config": json.dumps(tokenizer.config),
                                    "conditional": config.conditional or config.text}
@@ -104,8 +166,7 @@ class AR(Family):
         require(config, positive=("n_layer", "n_head", "n_embd", "prefix_tokens", "batch_size", "lr",
                                   "caption_pool"),
                 non_negative=("weight_decay", "warmup_steps"), unit=("dropout", "p_uncond", "beta1", "beta2"))
-        if config.objective not in ("causal", "masked"):
-            raise GenfastError(f"objective must be 'causal' or 'masked', got '{config.objective}'")
+        objective = objective_of(config)
         if config.captions not in text.CAPTION_SOURCES:
             raise GenfastError(f"captions must be one of {', '.join(text.CAPTION_SOURCES)}, got '{config.captions}'")
         if config.n_embd % config.n_head:
@@ -114,14 +175,22 @@ class AR(Family):
             raise GenfastError("a conditional ar model needs a labelled data set with at least 2 classes")
         self.check_sampling(config)
         vq = tokenizer_config(config)
+        if objective.multi_scale and not vq.scales:
+            raise GenfastError(f"objective={config.objective} predicts a multi-scale tokenizer's scales, and "
+                               f"tokenizer {config.tokenizer} has one scale; train one with 'genfast train vqvae "
+                               "scales=1,2,3,5,7 ...' and pass tokenizer=DIR/checkpoint.safetensors")
         tokenizer = VQVAENet(vq).requires_grad_(False)
-        return {"tokenizer": tokenizer, "gpt": ARNet(config, vq.codebook_size, (vq.image_size // 4) ** 2)}
+        gpt = ARNet(config, vq.codebook_size, tokenizer.tokens_per_image, tokenizer.sides, vq.code_dim)
+        return {"tokenizer": tokenizer, "gpt": gpt}
 
     def optimizers(self, modules: dict[str, nn.Module], config: ARConfig) -> dict[str, torch.optim.Optimizer]:
         # nanoGPT's split: weight decay on weight matrices and embeddings, none on biases,
-        # norms and position embeddings.
-        decay = [p for n, p in modules["gpt"].named_parameters() if p.dim() >= 2 and "wpe" not in n]
-        rest = [p for n, p in modules["gpt"].named_parameters() if not (p.dim() >= 2 and "wpe" not in n)]
+        # norms and position (and scale) embeddings.
+        def decays(name: str, p: torch.Tensor) -> bool:
+            return p.dim() >= 2 and "wpe" not in name and "scale_embedding" not in name
+
+        decay = [p for n, p in modules["gpt"].named_parameters() if decays(n, p)]
+        rest = [p for n, p in modules["gpt"].named_parameters() if not decays(n, p)]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                        {"params": rest, "weight_decay": 0.0}],
                                       lr=config.lr, betas=(config.beta1, config.beta2))
@@ -133,10 +202,10 @@ class AR(Family):
         # The forward pass goes through modules["gpt"] (DDP when several processes train);
         # the network's own methods through `net`.
         net, optimizer = unwrap(modules["gpt"]), optimizers["gpt"]
+        tokenizer = modules["tokenizer"].eval()
         with torch.no_grad():
-            tokens = modules["tokenizer"].eval().encode(images)
-        batch, length = tokens.shape
-        device = tokens.device
+            tokens = tokenizer.encode(images)
+        batch, device = len(tokens), tokens.device
         condition = None
         if net.conditional:
             dropped = torch.rand(batch, generator=generator, device=generator.device).to(device) < config.p_uncond
@@ -149,16 +218,7 @@ class AR(Family):
             else:
                 condition = labels.masked_fill(dropped, -1)
         prefix = net.prefix(condition) if condition is not None else net.null_prefix(batch)
-        if config.objective == "causal":
-            logits = modules["gpt"](prefix, tokens[:, :-1])[:, config.prefix_tokens - 1:]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
-        else:  # MaskGIT: mask a cosine-scheduled fraction, predict the masked tokens
-            ratio = torch.cos(math.pi / 2 * torch.rand(batch, generator=generator, device=generator.device)).to(device)
-            count = (ratio * length).ceil().clamp(1, length)
-            scores = torch.rand(batch, length, generator=generator, device=generator.device).to(device)
-            masked = scores.argsort(1).argsort(1) < count[:, None]
-            logits = modules["gpt"](prefix, tokens.masked_fill(masked, net.mask_token))[:, config.prefix_tokens:]
-            loss = F.cross_entropy(logits[masked], tokens[masked])
+        loss = objective_of(config).loss(modules["gpt"], tokenizer, net, prefix, tokens, generator)
         step = optimizer.state[next(iter(net.parameters()))].get("step", 0)
         for group in optimizer.param_groups:  # linear warm-up, then constant
             group["lr"] = config.lr * min(1.0, (float(step) + 1) / max(1, config.warmup_steps))

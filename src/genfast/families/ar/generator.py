@@ -5,10 +5,11 @@ The generator is a LoopNetwork (families/base.py): compile, onnx and cudagraph n
 learn which strategy it runs. They ask for its fixed-shape part, which the strategy's
 registry entry names (decoders.py): the static decoder's token step (one wrapped step
 is kept per batch size, so compiling happens once per size, and its cache
-buffers are reused), or the full-sequence pass of jacobi and parallel. A recorder asks
-for the whole decode instead, which the static decoder offers: fixed length, no wait
-on a tensor's value, so one CUDA graph holds all of it, and ONNX Runtime replays it as
-the chained calls of one exported function (decoders.static_loop).
+buffers are reused), or the full-sequence pass of jacobi, parallel and scales-naive.
+A recorder asks for the whole decode instead, which the static and scales decoders
+offer: fixed length, no wait on a tensor's value, so one CUDA graph holds all of it;
+ONNX Runtime replays static's as the chained calls of one exported function
+(decoders.static_loop).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from genfast.families.base import ExportedLoop, FixedPart, LoopNetwork, Wrap
 
 PARTS = {"step": FixedPart("the static decoder's token step, its draw included"),
          "forward": FixedPart("the full-sequence pass"),
-         "decode": FixedPart("the static decoder's whole decode: prefill, every step and draw")}
+         "decode": FixedPart("the whole decode of static or scales: every pass and draw")}
 
 
 class ARGenerator(LoopNetwork):
@@ -57,12 +58,12 @@ class ARGenerator(LoopNetwork):
         return None if self.fixed is None else PARTS[self.fixed]
 
     def recorded_part(self) -> FixedPart | None:
-        return PARTS["decode"] if decoders.DECODERS[self.decode].recordable else None
+        return PARTS["decode"] if decoders.DECODERS[self.decode].recorded_passes else None
 
     def fixed_part_advice(self, recorded: bool) -> str:
         def offers(name: str) -> bool:
             strategy = decoders.DECODERS[name]
-            return strategy.recordable if recorded else strategy.fixed is not None
+            return strategy.recorded_passes is not None if recorded else strategy.fixed is not None
 
         fitting = [name for name in decoders.fitting(self.net.objective) if offers(name)]
         why = (f"{self.decode} reads its tokens' values between passes" if recorded and self.fixed else
@@ -102,11 +103,11 @@ class ARGenerator(LoopNetwork):
             return tokens
         if self.recorded is None:
             self.recorded = self.record(_WholeDecode(self))
-        self.passes = self.net.sequence_length  # a recordable strategy's fixed length: a pass per token
+        self.passes = decoders.DECODERS[self.decode].recorded_passes(self.tokenizer, self.net)  # fixed, as recorded
         return self.recorded(prefix, uniforms)
 
     def run_strategy(self, prefix: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, int]:
-        network = decoders.Network(self.net, self.forward_pass, self.static_step)
+        network = decoders.Network(self.net, self.forward_pass, self.static_step, self.tokenizer)
         return decoders.DECODERS[self.decode].run(network, prefix, uniforms, self.options)
 
     def forward(self, noise: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:

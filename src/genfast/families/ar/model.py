@@ -6,6 +6,14 @@ row, after `prefix_tokens` positions that carry the condition: a learned embeddi
 per class, a projected MiniLM prompt embedding (text.py), or the learned null prefix
 (what classifier-free guidance needs). The caches and the one-token `Step` are what
 the cached decoders (decoders.py) run.
+
+The `scales` objective (next-scale prediction, VAR: Tian et al., 2024) reads a
+multi-scale tokenizer's sequence (tokenizer.py), all tokens of a scale predicted
+together: the input at a scale's positions is the coarser scales' accumulated grid,
+downsampled to that scale (the tokenizer's `scale_input`; a vector, projected by
+`wte`, instead of a token id), plus a position and a scale embedding, and attention is
+block-causal: a position sees the condition, its own scale and the coarser ones. The
+first scale's input is the empty grid: with the condition, it is VAR's start token.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ class ARConfig(TrainedConfig):
     captions: str = "corpus"     # text models' training captions: corpus (per image) | classes (text.py)
     caption_pool: int = 32       # corpus captions drawn and embedded per class and attribute levels
     phrasings: int = 0           # phrasings a class index stands for (text models): filled in when training starts
-    objective: str = "causal"    # causal (GPT) | masked (MaskGIT)
+    objective: str = "causal"    # causal (GPT) | masked (MaskGIT) | scales (VAR: next-scale, multi-scale tokenizer)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 192
@@ -66,12 +74,13 @@ class Attention(nn.Module):
         self.dropout = c.dropout
         self.causal = c.objective == "causal"
 
-    def forward(self, x: torch.Tensor, cache=None, layer: int = 0, positions: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, cache=None, layer: int = 0, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None):
         batch, n, width = x.shape
         q, k, v = (t.view(batch, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(width, dim=2))
         dropout = self.dropout if self.training else 0.0
-        if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal)
+        if cache is None:  # the whole sequence: causal, bidirectional, or through `mask` (block-causal)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=self.causal)
         else:
             k, v, mask = cache.update(layer, k, v, positions)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -85,8 +94,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(c.n_embd, 4 * c.n_embd), nn.GELU(), nn.Linear(4 * c.n_embd, c.n_embd),
                                  nn.Dropout(c.dropout))
 
-    def forward(self, x, cache=None, layer=0, positions=None):
-        x = x + self.attn(self.ln1(x), cache, layer, positions)
+    def forward(self, x, cache=None, layer=0, positions=None, mask=None):
+        x = x + self.attn(self.ln1(x), cache, layer, positions, mask)
         return x + self.mlp(self.ln2(x))
 
 
@@ -102,6 +111,21 @@ class DynamicCache:
             k, v = torch.cat([self.keys[layer], k], 2), torch.cat([self.values[layer], v], 2)
         self.keys[layer], self.values[layer] = k, v
         return k, v, torch.arange(k.shape[2], device=k.device)[None] <= positions[:, None]
+
+
+class ScaleCache:
+    """Keys and values of every position so far, grown a scale at a time (`scales`): a pass
+    over a scale sees all it holds, the coarser scales' and its own, so no mask."""
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, layer, k, v, positions):
+        if layer in self.keys:
+            k, v = torch.cat([self.keys[layer], k], 2), torch.cat([self.values[layer], v], 2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v, None
 
 
 class StaticCache(nn.Module):
@@ -141,16 +165,31 @@ class Step(nn.Module):
 
 
 class ARNet(nn.Module):
-    """The transformer and its conditioning: (prefix, tokens) -> next-token logits."""
+    """The transformer and its conditioning: (prefix, tokens) -> next-token logits (next-scale
+    logits for `scales`). grid_tokens is the tokenizer's tokens per image; a `scales` model
+    also takes its scales' sides and its code vectors' size."""
 
-    def __init__(self, c: ARConfig, vocab_size: int, grid_tokens: int):
+    def __init__(self, c: ARConfig, vocab_size: int, grid_tokens: int, sides: tuple[int, ...] = (),
+                 code_dim: int = 0):
         super().__init__()
         self.vocab_size, self.sequence_length, self.prefix_tokens = vocab_size, grid_tokens, c.prefix_tokens
         self.mask_token = vocab_size  # an extra embedding row (masked objective)
         self.objective = c.objective
         self.text, self.conditional, self.num_classes = c.text, c.conditional or c.text, c.num_classes
         self.width, self.heads, self.layers = c.n_embd, c.n_head, c.n_layer
-        self.wte = nn.Embedding(vocab_size + 1, c.n_embd)
+        if c.objective == "scales":
+            self.wte = nn.Linear(code_dim, c.n_embd)  # inputs are grids' vectors, not token ids
+            # Each position's scale (its scale embedding's row); a position attends to the positions
+            # of its scale and the coarser ones (block-causal). The condition counts as the first
+            # scale, whose input is always the empty grid (with it, VAR's start token): so the first
+            # pass of a cached decode, condition and first scale together, attends as the whole
+            # sequence does.
+            scales = [0] * c.prefix_tokens + [k for k, side in enumerate(sides) for _ in range(side * side)]
+            self.register_buffer("scale_of", torch.tensor(scales), persistent=False)
+            self.register_buffer("scale_mask", self.scale_of[None] <= self.scale_of[:, None], persistent=False)
+            self.scale_embedding = nn.Embedding(len(sides), c.n_embd)
+        else:
+            self.wte = nn.Embedding(vocab_size + 1, c.n_embd)
         self.wpe = nn.Embedding(c.prefix_tokens + grid_tokens, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
@@ -197,16 +236,24 @@ class ARNet(nn.Module):
     # --- the transformer ------------------------------------------------------------------
 
     def forward(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits at every position of [prefix, tokens] (no cache)."""
+        """Logits at every position of [prefix, tokens] (no cache). Tokens are ids (B, T), or
+        for `scales` the next-scale inputs (B, T, code_dim) (tokenizer.next_scale_inputs)."""
         x = torch.cat([prefix, self.wte(tokens)], 1)
-        x = self.drop(x + self.wpe(torch.arange(x.shape[1], device=x.device)))
+        length = x.shape[1]
+        x = self.drop(x + self.position_embedding(torch.arange(length, device=x.device)))
+        mask = self.scale_mask[:length, :length] if self.objective == "scales" else None
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask=mask)
         return self.head(self.ln_f(x))
+
+    def position_embedding(self, positions: torch.Tensor) -> torch.Tensor:
+        if self.objective == "scales":
+            return self.wpe(positions) + self.scale_embedding(self.scale_of[positions])
+        return self.wpe(positions)
 
     def step(self, x: torch.Tensor, cache, positions: torch.Tensor) -> torch.Tensor:
         """Logits of new positions (embeddings x at `positions`), reading and extending `cache`."""
-        x = x + self.wpe(positions)
+        x = x + self.position_embedding(positions)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer, positions)
         return self.head(self.ln_f(x))
@@ -216,8 +263,11 @@ class ARNet(nn.Module):
         and the number of tokens dynamic, so one export serves jacobi and parallel alike."""
         batch = torch.export.Dim("batch", min=1)
         tokens = torch.export.Dim("tokens", min=1, max=self.sequence_length)
-        example = (self.null_prefix(2).detach().clone(),
-                   torch.zeros(2, self.sequence_length - 1, dtype=torch.long, device=self.null.device))
+        if self.objective == "scales":  # next-scale inputs: a vector per position
+            example_tokens = torch.zeros(2, self.sequence_length, self.wte.in_features, device=self.null.device)
+        else:
+            example_tokens = torch.zeros(2, self.sequence_length - 1, dtype=torch.long, device=self.null.device)
+        example = (self.null_prefix(2).detach().clone(), example_tokens)
         return Exported(self, example, ({0: batch}, {0: batch, 1: tokens}), ("forward",))
 
     def dynamic_step(self) -> Step:

@@ -15,15 +15,29 @@ of the current batch (Dhariwal et al., 2020, Jukebox). The trainer logs codebook
 usage and perplexity; `evaluate` reports reconstruction error and usage on the
 test split at every checkpoint.
 
+Multi-scale (`scales`, e.g. 1,2,3,5,7; Tian et al., 2024, "Visual Autoregressive
+Modeling", VAR): the encoder's grid is quantised coarse to fine instead of once. At
+each scale, what the coarser scales left (the grid minus their accumulated
+contribution) is area-downsampled to that scale's side and quantised with the one
+shared codebook (so the EMA and the dead-code restarts above cover every scale); the
+codes are upsampled back to the grid (bicubic) and passed through a light residual
+convolution of the scale's own (VAR's phi), which is that scale's contribution. The
+decoder reads the sum of all contributions; the tokens are every scale's, coarse
+first, each read row by row (1 + 4 + 9 + 25 + 49 = 88 for 1,2,3,5,7). The next-scale
+transformer (model.py, objective `scales`) predicts them a scale at a time. No
+`scales` (the default) is the single quantisation of the grid above, unchanged.
+
 Trained with `genfast train vqvae`; not an image generator by itself (the `ar`
 family's transformer makes its tokens), so it ships as a tokenizer.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +59,7 @@ class VQVAEConfig(TrainedConfig):
     ema_decay: float = 0.99
     dead_threshold: float = 0.03  # restart a code whose EMA count per batch falls below this
     lr: float = 1e-3
+    scales: tuple[int, ...] = ()  # multi-scale: each scale's side, coarse to fine, the last the grid's (1,2,3,5,7)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -121,34 +136,111 @@ class Quantizer(nn.Module):
             self.ema_count[dead] = 1.0
 
 
+class Phi(nn.Module):
+    """A scale's light residual convolution (VAR's phi): halfway between the upsampled codes
+    and a 3x3 convolution of them, so a scale can sharpen what bicubic upsampling blurred
+    while starting close to the codes themselves."""
+
+    def __init__(self, code_dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(code_dim, code_dim, 3, padding=1)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return 0.5 * codes + 0.5 * self.conv(codes)
+
+
+class TrainingPass(NamedTuple):
+    """What the training pass gives the loss and the codebook's EMA."""
+
+    rebuilt: torch.Tensor     # reconstructions, through the straight-through estimator
+    vectors: torch.Tensor     # (N, code_dim) what each token quantised (detached): the EMA's inputs
+    tokens: torch.Tensor      # (N,) their codes
+    commitment: torch.Tensor  # pulls the encoder to its quantisation
+    fit: torch.Tensor | None  # pulls the scales' convolutions (phi) to the encoder's grid; None: single-scale
+
+
+def scale_sides(c: VQVAEConfig) -> tuple[int, ...]:
+    """The side of each scale's grid, coarse to fine; a single-scale tokenizer has one, the grid's."""
+    return c.scales or (c.image_size // 4,)
+
+
+def resized(grid: torch.Tensor, side: int) -> torch.Tensor:
+    """A grid (B, D, H, W) area-downsampled to (B, D, side, side): each cell the mean of the cells it covers."""
+    return grid if grid.shape[-1] == side else F.interpolate(grid, size=(side, side), mode="area")
+
+
 class VQVAENet(nn.Module):
-    """images <-> token grids; `encode` and `decode` are what the `ar` family uses."""
+    """images <-> token grids; `encode` and `decode` are what the `ar` family uses, and a
+    multi-scale tokenizer's `scale_input` and `contribution` what next-scale decoding uses."""
 
     def __init__(self, c: VQVAEConfig):
         super().__init__()
         self.encoder, self.quantizer, self.decoder = Encoder(c), Quantizer(c), Decoder(c)
-        self.grid = c.image_size // 4
+        self.grid, self.sides = c.image_size // 4, scale_sides(c)
+        self.phis = nn.ModuleList(Phi(c.code_dim) for _ in self.sides) if c.scales else None
+        ends = [0, *itertools.accumulate(side * side for side in self.sides)]
+        self.spans = [slice(start, end) for start, end in zip(ends, ends[1:])]  # each scale's tokens
+        self.tokens_per_image = ends[-1]
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The training pass: (reconstructions through the straight-through estimator,
-        encoder vectors (B*grid*grid, code_dim), their tokens, their codes)."""
+    def forward(self, images: torch.Tensor) -> TrainingPass:
+        """The training pass. The losses average over the scales, each partial sum held to
+        the encoder's grid (VAR's), so coarse scales learn to say what they can alone."""
         z = self.encoder(images)
-        vectors = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        tokens = self.quantizer.tokens(vectors.detach())
-        quantized = self.quantizer.codebook[tokens]
-        straight_through = vectors + (quantized - vectors).detach()
-        grid = straight_through.view(len(images), self.grid, self.grid, -1).permute(0, 3, 1, 2)
-        return self.decoder(grid), vectors, tokens, quantized
+        target = z.detach()
+        vectors, tokens, sums = zip(*self.quantized_scales(target))
+        commitment = sum(F.mse_loss(z, partial.detach()) for partial in sums) / len(sums)
+        fit = None if self.phis is None else sum(F.mse_loss(partial, target) for partial in sums) / len(sums)
+        straight_through = z + (sums[-1] - z).detach()
+        return TrainingPass(self.decoder(straight_through), torch.cat(vectors),
+                            torch.cat([scale_tokens.flatten() for scale_tokens in tokens]), commitment, fit)
+
+    def quantized_scales(self, target: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Quantise an encoder grid (B, code_dim, grid, grid) coarse to fine: per scale, the
+        vectors it quantised (N, code_dim), their tokens (B, side * side) and the
+        contributions so far (B, code_dim, grid, grid). Tokens are chosen on detached
+        vectors (a nearest neighbour has no gradient); the contributions keep phi's."""
+        accumulated = torch.zeros_like(target)
+        for scale, side in enumerate(self.sides):
+            rest = resized(target - accumulated.detach(), side)
+            vectors = rest.permute(0, 2, 3, 1).reshape(-1, rest.shape[1])
+            tokens = self.quantizer.tokens(vectors).view(len(target), -1)
+            accumulated = accumulated + self.contribution(tokens, scale)
+            yield vectors, tokens, accumulated
+
+    def contribution(self, tokens: torch.Tensor, scale: int) -> torch.Tensor:
+        """One scale's tokens (B, side * side) -> their part of the grid (B, code_dim, grid, grid)."""
+        side = self.sides[scale]
+        codes = self.quantizer.codebook[tokens].view(len(tokens), side, side, -1).permute(0, 3, 1, 2)
+        if side != self.grid:
+            codes = F.interpolate(codes, size=(self.grid, self.grid), mode="bicubic", align_corners=False)
+        return codes if self.phis is None else self.phis[scale](codes)
+
+    def empty_grid(self, batch: int) -> torch.Tensor:
+        """The sum of no scale's contributions, (batch, code_dim, grid, grid): where next-scale decoding starts."""
+        codebook = self.quantizer.codebook
+        return codebook.new_zeros(batch, codebook.shape[1], self.grid, self.grid)
+
+    def scale_input(self, accumulated: torch.Tensor, scale: int) -> torch.Tensor:
+        """What the next-scale transformer reads at a scale's positions: the coarser scales'
+        accumulated grid, area-downsampled to this scale's side, (B, side * side, code_dim)."""
+        return resized(accumulated, self.sides[scale]).flatten(2).transpose(1, 2)
+
+    def next_scale_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Every scale's input from a whole sequence of tokens (B, tokens_per_image) (VAR's teacher
+        forcing): (B, tokens_per_image, code_dim), scale k's from the tokens of scales < k."""
+        accumulated, inputs = self.empty_grid(len(tokens)), []
+        for scale, span in enumerate(self.spans):
+            inputs.append(self.scale_input(accumulated, scale))
+            accumulated = accumulated + self.contribution(tokens[:, span], scale)
+        return torch.cat(inputs, 1)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) in [-1, 1] -> (B, grid*grid) tokens, row by row."""
-        z = self.encoder(images)
-        return self.quantizer.tokens(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])).view(len(images), -1)
+        """(B, C, H, W) in [-1, 1] -> (B, tokens_per_image) tokens, coarse scale first, each row by row."""
+        return torch.cat([tokens for _, tokens, _ in self.quantized_scales(self.encoder(images))], 1)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, grid*grid) tokens -> (B, C, H, W) in [-1, 1]."""
-        codes = self.quantizer.codebook[tokens].view(len(tokens), self.grid, self.grid, -1).permute(0, 3, 1, 2)
-        return self.decoder(codes)
+        """(B, tokens_per_image) tokens -> (B, C, H, W) in [-1, 1], from the sum of the scales' contributions."""
+        return self.decoder(sum(self.contribution(tokens[:, span], scale) for scale, span in enumerate(self.spans)))
 
 
 def usage(tokens: torch.Tensor, codebook_size: int) -> dict[str, float]:
@@ -169,7 +261,7 @@ class VQVAE(Family):
     optimizer_keys = ("lr",)
 
     def model_name(self, config: VQVAEConfig) -> str:
-        return "vqvae"
+        return "vqvae-multiscale" if config.scales else "vqvae"
 
     def build(self, config: VQVAEConfig) -> dict[str, nn.Module]:
         require(config, positive=("hidden_channels", "code_dim", "codebook_size", "batch_size", "lr", "image_size"),
@@ -178,6 +270,10 @@ class VQVAE(Family):
             raise GenfastError(f"image_size must be a multiple of 4 for the VQ-VAE, got {config.image_size}")
         if config.codebook_size < 2:
             raise GenfastError(f"codebook_size must be at least 2, got {config.codebook_size}")
+        grid, sides = config.image_size // 4, config.scales
+        if sides and (sides[-1] != grid or sides[0] < 1 or any(a >= b for a, b in zip(sides, sides[1:]))):
+            raise GenfastError(f"scales must grow from 1 or more to the grid's side ({grid} for {config.image_size}x"
+                               f"{config.image_size} images), e.g. 1,2,3,5,{grid}; got {','.join(map(str, sides))}")
         return {"vqvae": VQVAENet(config)}
 
     def optimizers(self, modules: dict[str, nn.Module], config: VQVAEConfig) -> dict[str, torch.optim.Optimizer]:
@@ -187,16 +283,18 @@ class VQVAE(Family):
     def train_step(self, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                    images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
                    config: VQVAEConfig) -> dict[str, float]:
-        rebuilt, vectors, tokens, quantized = modules["vqvae"](images)
-        commitment = F.mse_loss(vectors, quantized)
-        reconstruction = F.mse_loss(rebuilt, images)
-        loss = reconstruction + config.commitment * commitment
+        trained = modules["vqvae"](images)
+        reconstruction = F.mse_loss(trained.rebuilt, images)
+        loss = reconstruction + config.commitment * trained.commitment
+        logged = {"reconstruction_mse": reconstruction.item(), "commitment": trained.commitment.item()}
+        if trained.fit is not None:  # multi-scale: the scales' convolutions learn by gradient, the codebook by EMA
+            loss = loss + trained.fit
+            logged["phi_fit"] = trained.fit.item()
         optimizers["vqvae"].zero_grad(set_to_none=True)
         loss.backward()
         optimizers["vqvae"].step()
-        unwrap(modules["vqvae"]).quantizer.update(vectors.detach().float(), tokens, generator)
-        return {"loss": loss.item(), "reconstruction_mse": reconstruction.item(), "commitment": commitment.item()}\
-            | usage(tokens, config.codebook_size)
+        unwrap(modules["vqvae"]).quantizer.update(trained.vectors.float(), trained.tokens, generator)
+        return {"loss": loss.item()} | logged | usage(trained.tokens, config.codebook_size)
 
     @torch.inference_mode()
     def evaluate(self, modules: dict[str, nn.Module], config: VQVAEConfig, images: torch.Tensor,
@@ -228,6 +326,8 @@ class VQVAE(Family):
 
     def describe(self, config: VQVAEConfig, test: dict[str, float]) -> str:
         summary = f"tokenizer, {config.codebook_size} codes"
+        if config.scales:
+            summary += f" over scales {','.join(map(str, config.scales))}"
         if "psnr_db" in test:  # how well it reconstructs held-out images
             summary += f", test PSNR {test['psnr_db']:.1f} dB, {test['codebook_usage']:.0%} of codes used"
         return summary
