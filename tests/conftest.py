@@ -24,6 +24,20 @@ def exports_kept_apart(tmp_path_factory):
         yield
 
 
+class StandInRecorder:
+    """A CPU stand-in for CUDA graph capture, for GraphReplay(decode, recorder): recording runs
+    the decode once, and a replay re-runs it into the same output tensor, as a graph does.
+    `recorded` holds each recording's output."""
+
+    def __init__(self):
+        self.recorded: list = []
+
+    def __call__(self, run):
+        output = run()
+        self.recorded.append(output)
+        return (lambda: output.copy_(run())), output
+
+
 def train_tiny(out, steps=6, conditional=False, **kwargs):
     """A few steps of the tiny DCGAN on fake data; returns the checkpoint path. In fp32 unless
     told: the same weights on every machine (auto would pick bf16 on one with AMX)."""

@@ -14,6 +14,8 @@ from genfast.families.ar.generator import check_decode
 from genfast.families.ar.tokenizer import Quantizer, VQVAEConfig, usage
 from genfast.train import TrainOptions, train
 
+from conftest import StandInRecorder
+
 
 def tiny_net(objective="causal", vocab=16, tokens=9, classes=3, seed=0, scale=1.0) -> ARNet:
     """An untrained transformer; `scale` sharpens its distributions (random weights of
@@ -503,21 +505,15 @@ def test_the_whole_decode_is_recorded_once_per_bucket_and_replayed(tiny_ar):
     sampler = genfast.load(tiny_ar).with_decoding("static", cfg=2.0)
     noise, labels = sampler.noise(5, 1), sampler.labels(5)
     expected = sampler.module.tokens(noise, labels)
-    recorded = []
-
-    def recorder(run):
-        output = run()
-        recorded.append(output)
-        return (lambda: output.copy_(run())), output
-
+    recorder = StandInRecorder()
     generator = sampler.module.with_recorded_part(lambda decode: GraphReplay(decode, recorder))
     first = generator.tokens(noise[:3], labels[:3])  # bucket 4: one padding row
     assert torch.equal(first, expected[:3]) and generator.passes == 49
     assert torch.equal(generator.tokens(noise[1:5], labels[1:5]), expected[1:5])  # bucket 4 again: replayed
     assert torch.equal(first, expected[:3])
-    assert len(recorded) == 1 and sorted(generator.recorded.graphs) == [4]
+    assert len(recorder.recorded) == 1 and sorted(generator.recorded.graphs) == [4]
     assert torch.equal(generator.tokens(noise, labels), expected)  # bucket 8
-    assert len(recorded) == 2 and sorted(generator.steps) == [8, 16]  # its steps: 2 rows per image (guidance)
+    assert len(recorder.recorded) == 2 and sorted(generator.steps) == [8, 16]  # its steps: 2 rows per image (guidance)
     compiled_inside = generator.with_fixed_part(lambda part: part).with_recorded_part(
         lambda decode: GraphReplay(decode, recorder))
     assert compiled_inside.wrap is not None and torch.equal(compiled_inside.tokens(noise, labels), expected)

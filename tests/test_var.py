@@ -18,6 +18,7 @@ from genfast.families.ar.decoders import Network
 from genfast.families.ar.tokenizer import VQVAEConfig, VQVAENet
 from genfast.train import TrainOptions, train
 
+from conftest import StandInRecorder
 from test_cli import run
 
 SIDES = (1, 2, 3, 5, 7)
@@ -347,18 +348,12 @@ def test_the_whole_next_scale_decode_is_recorded_once_per_bucket_and_replayed(ti
     assert sampler.with_decoding("scales-naive").module.recorded_part() is None  # its fixed part is its pass
     noise, labels = sampler.noise(5, 1), sampler.labels(5)
     expected = sampler.module.tokens(noise, labels)
-    recorded = []
-
-    def recorder(run):
-        output = run()
-        recorded.append(output)
-        return (lambda: output.copy_(run())), output
-
+    recorder = StandInRecorder()
     generator = sampler.module.with_recorded_part(lambda decode: GraphReplay(decode, recorder))
     first = generator.tokens(noise[:3], labels[:3])  # bucket 4: one padding row
     assert torch.equal(first, expected[:3]) and generator.passes == len(SIDES)
     assert torch.equal(generator.tokens(noise[1:5], labels[1:5]), expected[1:5])  # bucket 4 again: replayed
-    assert torch.equal(generator.tokens(noise, labels), expected) and len(recorded) == 2  # bucket 8
+    assert torch.equal(generator.tokens(noise, labels), expected) and len(recorder.recorded) == 2  # bucket 8
     with pytest.raises(engines.EngineUnavailable, match="cudagraph needs a CUDA device"):
         engines.apply(sampler, "cudagraph")
     with pytest.raises(engines.EngineUnavailable, match=r"'onnx' runs a fixed-shape part: use --decode "

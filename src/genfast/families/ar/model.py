@@ -106,26 +106,23 @@ class DynamicCache:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
 
-    def update(self, layer, k, v, positions):
+    def grow(self, layer, k, v):
         if layer in self.keys:
             k, v = torch.cat([self.keys[layer], k], 2), torch.cat([self.values[layer], v], 2)
         self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def update(self, layer, k, v, positions):
+        k, v = self.grow(layer, k, v)
         return k, v, torch.arange(k.shape[2], device=k.device)[None] <= positions[:, None]
 
 
-class ScaleCache:
-    """Keys and values of every position so far, grown a scale at a time (`scales`): a pass
-    over a scale sees all it holds, the coarser scales' and its own, so no mask."""
-
-    def __init__(self):
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
+class ScaleCache(DynamicCache):
+    """The same, grown a scale at a time (`scales`): a pass over a scale sees all it holds, the
+    coarser scales' and its own, so no mask."""
 
     def update(self, layer, k, v, positions):
-        if layer in self.keys:
-            k, v = torch.cat([self.keys[layer], k], 2), torch.cat([self.values[layer], v], 2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v, None
+        return *self.grow(layer, k, v), None
 
 
 class StaticCache(nn.Module):
