@@ -53,6 +53,9 @@ jobs=(
     # Seed 0 collapses on MNIST: every vector falls on one code at first, the decoder learns
     # the mean digit and stays there (reconstruction MSE 0.44 for 1,000 steps); seed 1 trains.
     "vqvae-mnist vqvae --data mnist --epochs 29 --seed 1"
+    # The multi-scale tokenizers of the next-scale (VAR) models: scales 1,2,3,5,7, 88 tokens.
+    "vqvae-multiscale-fashion-mnist vqvae --data fashion-mnist --epochs 4 scales=1,2,3,5,7"
+    "vqvae-multiscale-mnist vqvae --data mnist --epochs 29 --seed 1 scales=1,2,3,5,7"
 )
 # The transformers, once their tokenizers are shipped: class-conditional GPT, text-
 # conditioned GPT, and the text-conditioned MaskGIT (masked objective: parallel decoding).
@@ -67,6 +70,9 @@ ar_jobs=(
     "ar-fashion-mnist ar --data fashion-mnist --epochs $((AR_FASHION_EPOCHS - 1)) --conditional"
     "ar-mnist ar --data mnist --epochs $AR_MNIST_EPOCHS --conditional"
     "ar-text-mnist ar --data mnist --epochs $AR_MNIST_EPOCHS --text"
+    # Next-scale prediction (VAR) on the multi-scale tokenizers (objective=scales picks them).
+    "var-fashion-mnist ar --data fashion-mnist --epochs $((AR_FASHION_EPOCHS - 1)) --conditional objective=scales decode=scales"
+    "var-mnist ar --data mnist --epochs $AR_MNIST_EPOCHS --conditional objective=scales decode=scales"
 )
 # The models that read images (image -> text, and images beside text), once the judges are shipped:
 # they start from the judge's convolutions (frozen). Trained on one CPU core, each in under 15
