@@ -71,8 +71,8 @@ ar_jobs=(
     "ar-mnist ar --data mnist --epochs $AR_MNIST_EPOCHS --conditional"
     "ar-text-mnist ar --data mnist --epochs $AR_MNIST_EPOCHS --text"
     # Next-scale prediction (VAR) on the multi-scale tokenizers (objective=scales picks them).
-    "var-fashion-mnist ar --data fashion-mnist --epochs $((AR_FASHION_EPOCHS - 1)) --conditional objective=scales decode=scales"
-    "var-mnist ar --data mnist --epochs $AR_MNIST_EPOCHS --conditional objective=scales decode=scales"
+    "var-fashion-mnist ar --data fashion-mnist --epochs $((AR_FASHION_EPOCHS - 1)) --conditional objective=scales decode=scales cfg=2"
+    "var-mnist ar --data mnist --epochs $AR_MNIST_EPOCHS --conditional objective=scales decode=scales cfg=2"
 )
 # The models that read images (image -> text, and images beside text), once the judges are shipped:
 # they start from the judge's convolutions (frozen). Trained on one CPU core, each in under 15
