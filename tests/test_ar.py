@@ -182,6 +182,32 @@ def test_parallel_decoding_fills_every_position_exactly_once():
         assert int(after.sum()) > int(before.sum())  # and every step fixes at least one per row
 
 
+def test_parallel_decoding_fixes_the_most_probable_tokens_first_without_choice_noise():
+    """choice_temperature 0: each step fixes the masked positions whose drawn token is most
+    probable; MaskGIT's 4.5 of Gumbel noise fixes others first (the noise has a say)."""
+    net = tiny_net(objective="masked", tokens=9, scale=3.0)
+    prefix, u = net.prefix(torch.tensor([0, 2])), noise(2, 9)
+    seen = []
+    forward = net.forward
+
+    def recording(prefix, tokens):
+        seen.append(tokens.clone())
+        return forward(prefix, tokens)
+
+    network = Network(net, forward=recording)
+    decoders.parallel(network, prefix, u, decoders.Options(parallel_steps=3, choice_temperature=0.0))
+    first = seen[1] != net.mask_token  # what the first step fixed
+    probs = torch.softmax(forward(prefix, seen[0])[:, net.prefix_tokens:], -1)
+    drawn = decoders.draw(probs, u[:, 0])
+    confidence = probs.gather(2, drawn[..., None]).squeeze(2)
+    for row in range(2):
+        fixed, rest = confidence[row][first[row]], confidence[row][~first[row]]
+        assert fixed.min() >= rest.max()
+    seen.clear()
+    decoders.parallel(network, prefix, u, decoders.Options(parallel_steps=3))
+    assert not torch.equal(seen[1] != net.mask_token, first)
+
+
 def test_decoding_options_are_checked():
     net = tiny_net(objective="masked")
     with pytest.raises(GenfastError, match="decode 'kv' does not fit this masked model; choose one of: parallel"):

@@ -66,6 +66,7 @@ class Options:
     temperature: float = 1.0   # 0 = greedy
     top_k: int = 0             # 0 = the whole vocabulary
     parallel_steps: int = 8    # MaskGIT's number of steps
+    choice_temperature: float = 4.5  # MaskGIT's Gumbel noise on the confidences, annealed to 0 (Chang et al.'s 4.5)
     jacobi_window: int = 16    # drafts checked per Jacobi pass
 
 
@@ -407,7 +408,7 @@ def continue_parallel(network: Network, prefix: torch.Tensor, tokens: torch.Tens
         p = d.probs(logits)
         sampled = draw(p, noise[:, 0])
         confidence = p.gather(2, sampled[..., None]).squeeze(2).clamp_min(1e-30).log()
-        confidence = confidence + 4.5 * (1 - (step + 1) / steps) * gumbel
+        confidence = confidence + options.choice_temperature * (1 - (step + 1) / steps) * gumbel
         confidence = confidence.masked_fill(~masked, math.inf)  # fixed tokens stay fixed
         remaining = int(masked[0].sum())
         keep_masked = 0 if step == steps - 1 else min(remaining - 1,

@@ -129,7 +129,7 @@ class AR(Family):
     presets = PRESETS
     generative = True
     optimizer_keys = ("lr", "weight_decay", "beta1", "beta2", "warmup_steps")
-    sampling_keys = ("decode", "cfg", "temperature", "top_k", "parallel_steps", "jacobi_window")
+    sampling_keys = ("decode", "cfg", "temperature", "top_k", "parallel_steps", "choice_temperature", "jacobi_window")
 
     def model_name(self, config: ARConfig) -> str:
         base = objective_of(config).name
@@ -237,7 +237,8 @@ class AR(Family):
         return dataclasses.replace(sampler, encode_prompt=encode_prompt) if config.text else sampler
 
     def check_sampling(self, config: ARConfig) -> None:
-        require(config, positive=("parallel_steps", "jacobi_window"), non_negative=("temperature", "top_k", "cfg"))
+        require(config, positive=("parallel_steps", "jacobi_window"),
+                non_negative=("temperature", "top_k", "cfg", "choice_temperature"))
         check_decode(config.objective, config.decode)
 
     def inference_modules(self) -> tuple[str, ...]:
@@ -255,4 +256,5 @@ def encode_prompt(prompt: str) -> torch.Tensor:
 
 def options_of(config: ARConfig) -> decoders.Options:
     return decoders.Options(cfg=config.cfg, temperature=config.temperature, top_k=config.top_k,
-                            parallel_steps=config.parallel_steps, jacobi_window=config.jacobi_window)
+                            parallel_steps=config.parallel_steps, choice_temperature=config.choice_temperature,
+                            jacobi_window=config.jacobi_window)

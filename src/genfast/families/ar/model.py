@@ -56,6 +56,7 @@ class ARConfig(TrainedConfig):
     temperature: float = 1.0
     top_k: int = 0
     parallel_steps: int = 8
+    choice_temperature: float = 4.5  # MaskGIT: the Gumbel noise on its confidences at the first step
     jacobi_window: int = 16
 
 
