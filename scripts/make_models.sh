@@ -55,7 +55,9 @@ jobs=(
     "vqvae-mnist vqvae --data mnist --epochs 29 --seed 1"
     # The multi-scale tokenizers of the next-scale (VAR) models: scales 1,2,3,5,7, 88 tokens.
     "vqvae-multiscale-fashion-mnist vqvae --data fashion-mnist --epochs 4 scales=1,2,3,5,7"
-    "vqvae-multiscale-mnist vqvae --data mnist --epochs 29 --seed 1 scales=1,2,3,5,7"
+    # Seeds 0, 1, 3 and 4 collapse here as seed 0 does above (reconstruction MSE 0.42-0.47 after
+    # 400 steps); seed 2 trains (0.022).
+    "vqvae-multiscale-mnist vqvae --data mnist --epochs 29 --seed 2 scales=1,2,3,5,7"
 )
 # The transformers, once their tokenizers are shipped: class-conditional GPT, text-
 # conditioned GPT, and the text-conditioned MaskGIT (masked objective: parallel decoding).
