@@ -218,7 +218,7 @@ def measure(sampler: Sampler, engine_names: list[str], batch_sizes: list[int], r
                                             peak_memory_mb=_peak_memory_mb(call, device),
                                             forward_passes_per_image=passes)
         times: dict[tuple[str, str | None], list[float]] = {key: [] for key in ready}
-        calls = list({key: functools.partial(fast, noise, labels) for key, (fast, _) in ready.items()}.items())
+        calls = [(key, functools.partial(fast, noise, labels)) for key, (fast, _) in ready.items()]
         # The order rotates each round: what runs before a call changes its speed (a call after
         # ONNX Runtime's ran 10-25% slower on the AMX Xeon, whichever engine it was), so each
         # variant follows each other equally often.

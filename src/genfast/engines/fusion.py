@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from genfast import timing
-from genfast.engines.subpixel import SubPixelConv, absorb_pointwise, rewritable
+from genfast.engines.subpixel import SubPixelConv, absorb_pointwise, replace, rewritable
 
 FOLDABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -147,8 +147,7 @@ def fastest_forms(module: nn.Module, noise: torch.Tensor, labels: torch.Tensor |
         with torch.inference_mode():
             best = fastest(forms, lambda form, x=inputs[name]: form(x), device, repeats)
         if best == "sub-pixel":
-            parent, _, attribute = name.rpartition(".")
-            setattr(module.get_submodule(parent), attribute, forms[best])
+            replace(module, name, forms[best])
             rewritten.append(name)
     if rewritten and isinstance(module, fx.GraphModule):
         absorb_pointwise(module)

@@ -105,13 +105,18 @@ def rewritable(layer: nn.Module) -> bool:
             and layer.padding_mode == "zeros")
 
 
+def replace(module: nn.Module, name: str, layer: nn.Module) -> None:
+    """Put `layer` where `module`'s submodule `name` (dotted) was."""
+    parent, _, attribute = name.rpartition(".")
+    setattr(module.get_submodule(parent), attribute, layer)
+
+
 def subpixel(module: nn.Module) -> nn.Module:
     """A copy of `module` with every rewritable transposed convolution replaced."""
     module = copy.deepcopy(module)
     for name, layer in list(module.named_modules()):
         if rewritable(layer):
-            parent, _, attribute = name.rpartition(".")
-            setattr(module.get_submodule(parent), attribute, SubPixelConv(layer))
+            replace(module, name, SubPixelConv(layer))
     return module
 
 
@@ -143,17 +148,14 @@ def absorb_pointwise(module: fx.GraphModule) -> fx.GraphModule:
     for node in list(module.graph.nodes):
         if node.op != "call_module" or not isinstance(layers[node.target], SubPixelConv):
             continue
-        last = node
+        last, absorbed = node, []
         while len(last.users) == 1 and _absorbable(user := next(iter(last.users)), last):
             layers[node.target].pointwise.append(Applied(user, last))
+            absorbed.append(user)
             last = user
-        if last is not node:
+        if absorbed:
             last.replace_all_uses_with(node)
-            absorbed, cursor = [], last
-            while cursor is not node:
-                absorbed.append(cursor)
-                cursor = next(a for a in cursor.args if isinstance(a, fx.Node))
-            for dead in absorbed:  # last first: each has no users left once the one after it is gone
+            for dead in reversed(absorbed):  # last first: each has no users left once the one after it is gone
                 module.graph.erase_node(dead)
     module.graph.lint()
     module.recompile()
