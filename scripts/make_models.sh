@@ -76,6 +76,7 @@ ar_jobs=(
     "var-fashion-mnist ar --data fashion-mnist --epochs $((AR_FASHION_EPOCHS - 1)) --conditional objective=scales decode=scales cfg=2"
     "var-mnist ar --data mnist --epochs $AR_MNIST_EPOCHS --conditional objective=scales decode=scales cfg=2"
     "var-text-fashion-mnist ar --data fashion-mnist --epochs $((AR_FASHION_EPOCHS - 1)) --text objective=scales decode=scales cfg=2"
+    "var-text-mnist ar --data mnist --epochs $AR_MNIST_EPOCHS --text objective=scales decode=scales cfg=2"
 )
 # The models that read images (image -> text, and images beside text), once the judges are shipped:
 # they start from the judge's convolutions (frozen). Trained on one CPU core, each in under 15
