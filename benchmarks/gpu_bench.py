@@ -9,7 +9,8 @@ then images/s and latency over batch sizes from 1 to 65,536 through `genfast ben
 code (interleaved, CUDA events), and the fraction of the card's compute ceiling each
 row reaches. Then the token transformers (when shipped): every decoding strategy at
 batch 1, 64 and 1,024, the static step eager and compiled, the whole static decode
-graph-captured (its compiled steps too). Writes
+graph-captured (its compiled steps too), and next-scale's whole decode compiled and
+graph-captured (issue 18). Writes
 DIR/gpu_bench.md and DIR/<model>.json; prints the tables as it goes, so a run cut
 short still reports what it measured.
 """
@@ -34,7 +35,10 @@ BATCHES = [1, 256, 16384, 65536]  # each a torch.compile bucket: ~10-30 s of com
 # per image, batch 1,024 >= 100,000 images/s); compile+cudagraph records compiled steps.
 AR_RUNS = [("ar-text-fashion-mnist", ["eager", "compile", "cudagraph", "compile+cudagraph"],
             ["naive", "kv", "static", "jacobi"]),
-           ("maskgit-text-fashion-mnist", ["eager"], ["parallel"])]
+           ("maskgit-text-fashion-mnist", ["eager"], ["parallel"]),
+           # issue 18: next-scale's whole decode (5 passes) compiled as one program and graph-captured
+           ("var-text-fashion-mnist", ["eager", "bf16", "compile", "cudagraph", "compile+cudagraph"],
+            ["scales", "scales-naive"])]
 AR_BATCHES = [1, 64, 1024]
 H200_BF16_FLOPS = 778e12  # dense bf16 tensor-core ceiling (the issue's figure)
 

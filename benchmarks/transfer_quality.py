@@ -36,7 +36,8 @@ from genfast import attributes, corpus, data, metrics, transfer
 from genfast.families.ar import text
 
 MODELS = ["cvae-fashion-mnist", "cvae-mnist", "ar-fashion-mnist", "ar-text-fashion-mnist",
-          "maskgit-text-fashion-mnist", "ar-mnist", "ar-text-mnist"]
+          "maskgit-text-fashion-mnist", "var-fashion-mnist", "var-text-fashion-mnist", "ar-mnist", "ar-text-mnist",
+          "var-mnist", "var-text-mnist"]
 STRENGTHS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 
@@ -141,7 +142,9 @@ def tables(reports: list[dict]) -> str:
     lines += ["", f"| model | strength, cfg | target accuracy | held-out prompts | worded r | {columns} |",
               "| --- | --- | ---: | ---: | ---: |" + " ---: |" * len(attributes.ATTRIBUTES)]
     for report in tokens:
-        result = report["curves"][str(report["default_cfg"])][str(report["default_strength"])]
+        result = report["curves"].get(str(report["default_cfg"]), {}).get(str(report["default_strength"]))
+        if result is None:  # its defaults were not among the --strengths and --cfgs measured
+            continue
         held_out = f"{report['held_out']['target_accuracy']:.3f}" if "held_out" in report else "-"
         lines.append(f"| {report['model']} | {report['default_strength']:g}, {report['default_cfg']:g} | "
                      f"{result['target_accuracy']:.3f} | {held_out} | {result['r_worded_mean']:.2f} | " + " | ".join(

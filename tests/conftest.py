@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import pytest
 
+from genfast.cli import main
 from genfast.train import TrainOptions, train
 
 
@@ -90,3 +94,18 @@ def tiny_text_ar(tiny_vqvae, tmp_path_factory):
     options = TrainOptions(out=tmp_path_factory.mktemp("ar-text"), data="fake", steps=20, progress=False,
                            sample_every=1000, checkpoint_every=1000)
     return train("ar", options, preset="tiny", pairs=[f"tokenizer={tiny_vqvae}", "text=true"])
+
+
+@pytest.fixture(scope="session")
+def tiny_var(tmp_path_factory):
+    """A tiny multi-scale tokenizer and a class-conditional next-scale model over it, both
+    trained through the command line; (tokenizer, model)."""
+    folder = tmp_path_factory.mktemp("var")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", "vqvae", "--data", "fake", "--out", str(folder / "vq"), "--steps", "40", "--preset",
+                     "tiny", "-q", "scales=1,2,3,5,7"]) == 0
+        tokenizer = folder / "vq" / "checkpoint.safetensors"
+        assert main(["train", "ar", "--data", "fake", "--out", str(folder / "var"), "--steps", "30", "--preset",
+                     "tiny", "--conditional", "-q", f"tokenizer={tokenizer}", "objective=scales",
+                     "decode=scales"]) == 0
+    return tokenizer, folder / "var" / "checkpoint.safetensors"

@@ -415,7 +415,7 @@ def test_the_onnx_decode_draws_the_tokens_of_the_eager_one(tiny_ar, batch, cfg, 
             assert torch.equal(fast.module.tokens(noise, labels), expected)
     from genfast.engines.compiled import bucket
 
-    assert fast.module.passes == 49 and sorted(fast.module.recorded.bound) == [bucket(batch), bucket(batch + 2)]
+    assert fast.module.passes == 49 and sorted(fast.module.whole.bound) == [bucket(batch), bucket(batch + 2)]
     assert len(fast.module.record.sessions) == 1  # one export (its sessions: one per thread count tried)
 
 
@@ -537,7 +537,7 @@ def test_the_whole_decode_is_recorded_once_per_bucket_and_replayed(tiny_ar):
     assert torch.equal(first, expected[:3]) and generator.passes == 49
     assert torch.equal(generator.tokens(noise[1:5], labels[1:5]), expected[1:5])  # bucket 4 again: replayed
     assert torch.equal(first, expected[:3])
-    assert len(recorder.recorded) == 1 and sorted(generator.recorded.graphs) == [4]
+    assert len(recorder.recorded) == 1 and sorted(generator.whole.graphs) == [4]
     assert torch.equal(generator.tokens(noise, labels), expected)  # bucket 8
     assert len(recorder.recorded) == 2 and sorted(generator.steps) == [8, 16]  # its steps: 2 rows per image (guidance)
     compiled_inside = generator.with_fixed_part(lambda part: part).with_recorded_part(

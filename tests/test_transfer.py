@@ -114,9 +114,9 @@ def test_the_cvae_draws_each_target_in_the_sources_style(tiny_cvae, bars):
 
 # --- the token models ----------------------------------------------------------------------------
 
-@pytest.fixture(params=["causal", "masked"])
-def token_model(request, tiny_ar, tiny_maskgit):
-    return transfer.load(tiny_ar if request.param == "causal" else tiny_maskgit)
+@pytest.fixture(params=["causal", "masked", "scales"])
+def token_model(request, tiny_ar, tiny_maskgit, tiny_var):
+    return transfer.load({"causal": tiny_ar, "masked": tiny_maskgit, "scales": tiny_var[1]}[request.param])
 
 
 def test_strength_0_is_the_tokenizers_round_trip_of_the_source(token_model):
@@ -158,8 +158,9 @@ def test_a_masked_model_keeps_the_share_of_the_tokens_it_finds_likeliest(tiny_ma
     assert (~same).any(1).float().mean() >= 0.5  # most grids changed somewhere in the re-made half
 
 
-def test_a_causal_model_keeps_more_of_the_source_the_lower_the_strength(tiny_ar):
-    model = transfer.load(tiny_ar)
+@pytest.mark.parametrize("kind", ["causal", "scales"])
+def test_a_favouring_model_keeps_more_of_the_source_the_lower_the_strength(kind, tiny_ar, tiny_var):
+    model = transfer.load(tiny_ar if kind == "causal" else tiny_var[1])
     kept = [float((made == tokens).double().mean()) for tokens, _, made in
             (_remade(model, strength) for strength in (0.2, 0.5, 0.8, 1.0))]
     assert kept == sorted(kept, reverse=True) and kept[0] > 0.9 and kept[-1] < 0.5, kept

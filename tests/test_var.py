@@ -1,7 +1,6 @@
 """Next-scale prediction (VAR): the multi-scale tokenizer, the block-causal transformer, the
 scales decoders, and both stages end to end through the command line."""
 
-import contextlib
 import io
 import json
 
@@ -11,7 +10,6 @@ import torch.nn.functional as F
 
 import genfast
 from genfast import checkpoint, data, images, pretrained
-from genfast.cli import main
 from genfast.errors import GenfastError
 from genfast.families.ar import ARConfig, ARNet, decoders
 from genfast.families.ar.decoders import Network
@@ -188,6 +186,25 @@ def test_a_token_is_drawn_from_its_own_positions_uniform():
     assert torch.equal(decoders.scales(network, prefix, moved, decoders.Options())[0], other)
 
 
+def test_favoured_scales_is_scales_at_favour_1_and_the_source_at_a_great_one():
+    """genfast transfer's next-scale decode: favour 1 draws exactly what scales draws; a favour
+    no probability can resist gives the source back; with greedy draws, every token is the
+    argmax of the uncached reference pass over the tokens drawn, or the source's own."""
+    tokenizer = tiny_tokenizer()
+    net = tiny_scales_net(tokenizer)
+    network, prefix, u = Network(net, tokenizer=tokenizer), net.prefix(torch.tensor([0, 2])), uniforms(2)
+    source = torch.randint(len(tokenizer.quantizer.codebook), (2, TOKENS), generator=torch.Generator().manual_seed(4))
+    options = decoders.Options(cfg=2.0)
+    with torch.no_grad():
+        assert torch.equal(decoders.favoured_scales(network, prefix, source, 1.0, u, options)[0],
+                           decoders.scales(network, prefix, u, options)[0])
+        assert torch.equal(decoders.favoured_scales(network, prefix, source, 1e30, u, options)[0], source)
+        greedy = decoders.Options(temperature=0.0)
+        tokens, passes = decoders.favoured_scales(network, prefix, source, 2.0, u, greedy)
+        best = net(prefix, tokenizer.next_scale_inputs(tokens))[:, net.prefix_tokens:].argmax(-1)
+    assert ((tokens == best) | (tokens == source)).all() and not torch.equal(tokens, source) and passes == len(SIDES)
+
+
 def test_the_scales_decoders_fit_only_the_scales_objective():
     from genfast.families.ar.generator import check_decode
 
@@ -200,21 +217,6 @@ def test_the_scales_decoders_fit_only_the_scales_objective():
 
 
 # --- both stages end to end ---------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_var(tmp_path_factory):
-    """A tiny multi-scale tokenizer and a class-conditional next-scale model over it, both
-    trained through the command line; (tokenizer, model)."""
-    folder = tmp_path_factory.mktemp("var")
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["train", "vqvae", "--data", "fake", "--out", str(folder / "vq"), "--steps", "40", "--preset",
-                     "tiny", "-q", "scales=1,2,3,5,7"]) == 0
-        tokenizer = folder / "vq" / "checkpoint.safetensors"
-        assert main(["train", "ar", "--data", "fake", "--out", str(folder / "var"), "--steps", "30", "--preset",
-                     "tiny", "--conditional", "-q", f"tokenizer={tokenizer}", "objective=scales",
-                     "decode=scales"]) == 0
-    return tokenizer, folder / "var" / "checkpoint.safetensors"
-
 
 def test_both_stages_train_and_the_model_samples_by_itself(tiny_var):
     tokenizer_path, model_path = tiny_var
@@ -246,9 +248,11 @@ def test_sample_eval_and_bench_through_the_command_line(tiny_var, tiny_classifie
     scores = json.loads((tmp_path / "e.json").read_text())
     assert scores["n"] == 64 and scores["fid"] > 0 and 0 <= scores["accuracy"] <= 1
     status, out, err = run(capsys, "bench", model, "--engines", "eager", "bf16", "--decode", "scales", "scales-naive",
-                           "--batch-sizes", 2, "--repeats", 2, "--json", tmp_path / "b.json", "-q")
-    assert status == 0, err
-    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+                           "--batch-sizes", 2, "--repeats", 2, "--cfg", 2, "--json", tmp_path / "b.json", "-q")
+    assert status == 0 and out.startswith(f"{model} (guidance 2) on "), err
+    document = json.loads((tmp_path / "b.json").read_text())
+    rows = document["rows"]
+    assert document["settings"] == {"cfg": 2.0}
     assert [(r["engine"], r["decode"], r["status"]) for r in rows] == [
         ("eager", "scales", "ok"), ("eager", "scales-naive", "ok"), ("bf16", "scales", "ok"),
         ("bf16", "scales-naive", "ok")]
@@ -264,15 +268,10 @@ def test_what_cannot_work_is_one_clear_line(tiny_var, tiny_vqvae, tmp_path, caps
                          "--preset", "tiny", "-q", f"tokenizer={tiny_vqvae}", "objective=scales", "decode=scales")
     assert status == 1 and err.count("\n") == 1 and "predicts a multi-scale tokenizer's scales" in err
     assert "has one scale; train one with 'genfast train vqvae scales=1,2,3,5,7" in err
-    status, _, err = run(capsys, "transfer", model, "--to", "class2", "--out", tmp_path / "t.png")
-    assert status == 1 and err.count("\n") == 1 and "is a var model (scales objective), which style transfer does " \
-        "not support" in err and not (tmp_path / "t.png").exists()
-    status, _, err = run(capsys, "sample", model, "--engine", "compile", "--out", tmp_path / "c.png")
-    assert status == 1 and "use --decode scales-naive (scales has none)" in err
     status, _, err = run(capsys, "train", "vqvae", "--data", "fake", "--out", tmp_path / "vq", "--steps", 1,
                          "-q", "scales=1,2,5")
     assert status == 1 and "scales must grow from 1 or more to the grid's side (7 for 28x28 images)" in err
-    assert not (tmp_path / "k.png").exists() and not (tmp_path / "c.png").exists()
+    assert not (tmp_path / "k.png").exists()
 
 
 def test_a_causal_model_reads_a_multi_scale_tokenizer_in_raster_order(tiny_var, tmp_path):
@@ -300,6 +299,37 @@ def test_compile_and_onnx_wrap_the_reference_pass_and_keep_the_tokens(tiny_var):
         for _ in range(2):  # the second call reuses what the first built
             assert torch.equal(fast.module.tokens(noise, labels), expected), engine
         assert fast.module.passes == len(SIDES)
+
+
+@pytest.mark.slow
+def test_the_engines_take_the_whole_next_scale_decode_as_one_call(tiny_var):
+    """scales' passes have shapes that follow from the batch size alone, so its fixed part is
+    the whole decode: onnx exports it as one graph, compile compiles it, each per batch
+    bucket, and a recorder (cudagraph) records it, compiled inside. All keep eager's tokens."""
+    from genfast import engines
+    from genfast.engines.compiled import Bucketed
+    from genfast.engines.cudagraph import GraphReplay
+    from genfast.engines.onnx import ExportedCall
+
+    sampler = genfast.load(tiny_var[1]).with_decoding(cfg=2.0)
+    part = sampler.module.fixed_part()
+    assert part.whole and part is sampler.module.recorded_part()
+    noise, labels = sampler.noise(4, 1), sampler.labels(4)
+    expected = sampler.module.tokens(noise, labels)
+    onnx = engines.apply(sampler, "onnx")
+    for batch in (3, 1, 4):  # one export for every batch size; 3 is run padded to its bucket, 4
+        assert torch.equal(onnx.module.tokens(noise[:batch], labels[:batch]), expected[:batch])
+    assert isinstance(onnx.module.whole.call, ExportedCall) and onnx.module.passes == len(SIDES)
+    assert len(onnx.module.wrap.sessions) == 1  # one export (its sessions: one per thread count tried)
+    assert sorted(shapes[0][0] for shapes in onnx.module.whole.call.bound) == [1, 4]
+    compiled = engines.apply(sampler, "compile")
+    for batch in (3, 4):  # one bucket: nothing compiles again
+        assert torch.equal(compiled.module.tokens(noise[:batch], labels[:batch]), expected[:batch])
+    assert isinstance(compiled.module.whole, Bucketed) and compiled.module.whole.buckets == {4}
+    recorder = StandInRecorder()
+    recorded = compiled.module.with_recorded_part(lambda decode: GraphReplay(decode, recorder))
+    assert torch.equal(recorded.tokens(noise[:3], labels[:3]), expected[:3]) and len(recorder.recorded) == 1
+    assert isinstance(recorded.whole.module, Bucketed)  # the compiled decode inside the recording
 
 
 def test_a_text_conditioned_next_scale_model_takes_prompts(tiny_var, tmp_path, capsys):
@@ -356,9 +386,6 @@ def test_the_whole_next_scale_decode_is_recorded_once_per_bucket_and_replayed(ti
     assert torch.equal(generator.tokens(noise, labels), expected) and len(recorder.recorded) == 2  # bucket 8
     with pytest.raises(engines.EngineUnavailable, match="cudagraph needs a CUDA device"):
         engines.apply(sampler, "cudagraph")
-    with pytest.raises(engines.EngineUnavailable, match=r"'onnx' runs a fixed-shape part: use --decode "
-                                                        r"scales-naive \(scales has none\)"):
-        engines.apply(sampler, "onnx")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -301,11 +301,14 @@ def header(model: str, machine: Machine, peak: Peak | None) -> str:
     return f"{model} on {machine.describe()}" + ("" if peak is None else f"\n{peak.line()}")
 
 
-def write_json(rows: list[Row], path: Path, machine: Machine | None = None, peak: Peak | None = None) -> None:
-    """{"machine": ..., "peak": ..., "rows": [...]}: the rows with what they were measured on."""
+def write_json(rows: list[Row], path: Path, machine: Machine | None = None, peak: Peak | None = None,
+               settings: dict | None = None) -> None:
+    """{"machine": ..., "peak": ..., "settings": ..., "rows": [...]}: the rows with what they were
+    measured on, and the sampling settings given for every row (ar: cfg)."""
     images.writable_target(path)
     document = {"machine": None if machine is None else asdict(machine) | {"describe": machine.describe()},
-                "peak": None if peak is None else asdict(peak), "rows": [asdict(r) for r in rows]}
+                "peak": None if peak is None else asdict(peak), "settings": settings or {},
+                "rows": [asdict(r) for r in rows]}
     write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())
 
 

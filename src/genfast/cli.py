@@ -357,12 +357,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for path in (args.json, args.plot, a_trace):
         if path is not None:
             images.writable_target(path)
-    sampler = pretrained.load(args.model, device=args.device)
+    sampler = pretrained.load(args.model, device=args.device, cfg=args.cfg)
     here, peak = current_machine(sampler.device), measured_peak(sampler.device)  # probed before the engines run
     rows = bench.measure(sampler, args.engines, args.batch_sizes, repeats=args.repeats, fid_n=args.fid_n,
                          seed=args.seed, progress=not args.quiet, decodes=args.decode, profile=args.profile,
                          peak=peak)
-    print(bench.header(args.model, here, peak))
+    print(bench.header(args.model if args.cfg is None else f"{args.model} (guidance {args.cfg:g})", here, peak))
     print(bench.markdown(rows))
     if args.profile:
         print(f"\ntop operators by self {'CUDA' if sampler.device.type == 'cuda' else 'CPU'} time per call "
@@ -370,7 +370,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
               f"chrome://tracing or TensorBoard's profiler plugin)")
         print(bench.profile_markdown(rows))
     if args.json:
-        bench.write_json(rows, args.json, here, peak)
+        bench.write_json(rows, args.json, here, peak, settings={"cfg": args.cfg} if args.cfg is not None else {})
         print(f"wrote {args.json}")
     if args.plot:
         bench.plot(rows, args.plot, f"{args.model} on {resolve_device(args.device)}")
@@ -649,6 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-n", type=int, default=0, help="also FID of each engine's images (0 = off; 10000 usual)")
     p.add_argument("--decode", nargs="+", choices=list(DECODERS),
                    help="ar models: decoding strategies to measure side by side (naive first)")
+    p.add_argument("--cfg", type=float, help="ar models: classifier-free guidance scale of every row (1 = none; "
+                                             "default: the model's own)")
     p.add_argument("--json", type=Path, help="write the rows as JSON")
     p.add_argument("--plot", type=Path, help="write images/s against batch size as a PNG")
     p.add_argument("--profile", type=Path, metavar="DIR",

@@ -23,6 +23,9 @@ Two kinds of model do it, each in its own way:
   - a masked (MaskGIT) model keeps the (1 - strength) share of the source's tokens that it
     finds most likely under the new condition and fills the other positions in its usual
     steps (decoders.continue_parallel).
+  - a next-scale (VAR) model favours the source's tokens as the causal model does, scale
+    by scale, coarse to fine (decoders.favoured_scales): a coarse token the target does not
+    find likely is re-made, and the finer scales are drawn over the new coarse layout.
 
 Sources are image files (of the model's size, `images.read_image`), folders of them, or a
 model's own samples (what `genfast sample MODEL -n N --seed S` writes, in its PNG pixels).
@@ -55,9 +58,9 @@ from genfast.families.vae import kl_to_standard_normal, reconstruction_nll, to_p
 # since the two keep tokens in different ways (module docstring); and classifier-free guidance,
 # which pulls the new tokens to the target against the context of the kept ones (without it, the
 # kept ones decide the class).
-DEFAULT_STRENGTH = {"causal": 0.4, "masked": 0.7}
-# A causal model's favour of the source's tokens at strength s is s ** -FAVOUR_POWER: 10 spreads the
-# useful range (favours of ~10 to ~1e7, BENCHMARKS.md) over strengths 0.2 to 0.8.
+DEFAULT_STRENGTH = {"causal": 0.4, "masked": 0.7, "scales": 0.45}
+# A causal or next-scale model's favour of the source's tokens at strength s is s ** -FAVOUR_POWER: 10
+# spreads the useful range (favours of ~10 to ~1e7, BENCHMARKS.md) over strengths 0.2 to 0.8.
 FAVOUR_POWER = 10
 DEFAULT_CFG = 5.0
 DEFAULT_SAMPLES = 10  # sources taken from a model, unless -n says how many
@@ -203,10 +206,10 @@ class TokenTransfer(Transfer):
         """`tokens` re-generated under `prefix` at `strength` (module docstring)."""
         if strength == 0:  # the source itself (a causal model's favour would be infinite)
             return tokens
-        network = decoders.Network(self.net)
-        if self.config.objective == "causal":
-            favour = strength ** -FAVOUR_POWER
-            return decoders.favoured_kv(network, prefix, tokens, favour, uniforms, self.options)[0]
+        network = decoders.Network(self.net, tokenizer=self.tokenizer)
+        favoured = {"causal": decoders.favoured_kv, "scales": decoders.favoured_scales}.get(self.config.objective)
+        if favoured is not None:
+            return favoured(network, prefix, tokens, strength ** -FAVOUR_POWER, uniforms, self.options)[0]
         kept = round((1 - strength) * self.net.sequence_length)
         masked = ~self.likely_positions(prefix, tokens, kept)
         return decoders.continue_parallel(network, prefix, tokens, masked, uniforms, self.options)[0]
@@ -232,16 +235,12 @@ def load(name_or_path: str | Path, device: str = "cpu", cfg: float | None = None
     family = get_family(ckpt.family)
     if ckpt.family not in KINDS:
         raise GenfastError(f"{name_or_path} is a {ckpt.family} model, which cannot read an image's style; give a CVAE "
-                           "(cvae-...) or a token model (ar-..., ar-text-..., maskgit-text-...)")
+                           "(cvae-...) or a token model (ar-..., ar-text-..., maskgit-text-..., var-...)")
     config = configlib.from_dict(family.config_class, ckpt.config)
     if not config.conditional:
         raise GenfastError(f"{name_or_path} is an unconditional {family.model_name(config)}: there is no other "
                            "class or prompt to decode an image under; give a conditional model (cvae-..., ar-..., "
-                           "ar-text-...)")
-    if ckpt.family == "ar" and config.objective not in DEFAULT_STRENGTH:
-        raise GenfastError(f"{name_or_path} is a {family.model_name(config)} model ({config.objective} objective), "
-                           "which style transfer does not support; give a causal or MaskGIT token model (ar-..., "
-                           "ar-text-..., maskgit-text-...) or a CVAE (cvae-...)")
+                           "ar-text-..., var-...)")
     if ckpt.family == "ar":
         config = configlib.override(config, {"cfg": DEFAULT_CFG if cfg is None else cfg})
         family.check_sampling(config)

@@ -34,7 +34,7 @@ from genfast.engines.auto import TOLERANCES, Tolerance, tolerance  # noqa: F401 
 from genfast.engines.compiled import Bucketed
 from genfast.engines.cudagraph import GraphReplay, require_cuda
 from genfast.engines.fusion import fastest_forms, fastest_layout, fold_batchnorm, shifts_into_biases
-from genfast.engines.onnx import LoopRuntime, PartRuntime, int8_runtime, onnx_runtime
+from genfast.engines.onnx import LoopRuntime, PartRuntime, WholeRuntime, int8_runtime, onnx_runtime
 from genfast.engines.precision import reduced
 from genfast.engines.quantized import inductor_int8
 from genfast.errors import EngineUnavailable, GenfastError
@@ -91,7 +91,10 @@ def compiled(sampler: Sampler) -> Sampler:
         if network.fixed_part() is None:
             raise EngineUnavailable(f"'compile' needs fixed shapes: {network.fixed_part_advice(recorded=False)}")
         # Not frozen (compiled.py, `tracing`): frozen, the static decode of ar-mnist measured
-        # no faster on the AMD EPYC VM (batch 1: 180 against 172 ms; batch 16: 403 against 370).
+        # no faster on the AMD EPYC VM (batch 1: 180 against 172 ms; batch 16: 403 against 370),
+        # nor next-scale's whole decode on the Zen 5 (batch 1: 13.1 against 12-13 ms).
+        if network.fixed_part().whole:  # a whole decode takes batches: bucketed like a one-call network's
+            return rewrap(sampler, network.with_fixed_part(lambda part: Bucketed(part, freezing=(False,))))
         return rewrap(sampler, network.with_fixed_part(lambda part: torch.compile(part, dynamic=False)))
     bucketed = Bucketed(sampler.module)
     return rewrap(sampler, bucketed, bucketed)
@@ -107,7 +110,7 @@ def int8_inductor(sampler: Sampler) -> Sampler:
 def cudagraph(sampler: Sampler) -> Sampler:
     """Replays recorded graphs, not the module: nothing can wrap it after this. A looping
     sampler's whole decode is what is recorded, where its strategy has one of fixed length
-    that never waits on a tensor's value (static); a compiled step inside it stays compiled."""
+    that never waits on a tensor's value (static, scales); a compiled step inside it stays compiled."""
     if sampler.loops:
         network = _loop_network(sampler, "cudagraph")
         if network.recorded_part() is None:
@@ -121,9 +124,9 @@ def cudagraph(sampler: Sampler) -> Sampler:
 
 def onnx(sampler: Sampler) -> Sampler:
     """The network in ONNX Runtime (onnx.py says why it pays), on the CPU in fp32; for a
-    looping sampler, its whole decode where the strategy has one of fixed length (static:
-    replayed as chained calls, the sampling included), else its fixed pass (jacobi,
-    parallel: the rest of their loop stays in PyTorch)."""
+    looping sampler, its whole decode where the strategy has one of fixed length (scales:
+    one graph for all its passes; static: replayed as chained calls, the sampling included
+    in both), else its fixed pass (jacobi, parallel: the rest of their loop stays in PyTorch)."""
     if not sampler.loops:
         return rewrap(sampler, None, onnx_runtime(sampler))
     if not isinstance(sampler.module, LoopNetwork):
@@ -133,6 +136,8 @@ def onnx(sampler: Sampler) -> Sampler:
         raise EngineUnavailable(f"'onnx' runs a fixed-shape part: {network.fixed_part_advice(recorded=False)}")
     if sampler.device.type != "cpu":
         raise EngineUnavailable("'onnx' runs a token-by-token model's step on the CPU; on CUDA use cudagraph")
+    if network.fixed_part().whole:
+        return rewrap(sampler, network.with_fixed_part(WholeRuntime()))
     if network.recorded_part() is not None:
         return rewrap(sampler, network.with_recorded_part(LoopRuntime()))
     return rewrap(sampler, network.with_fixed_part(PartRuntime()))

@@ -43,6 +43,15 @@ def bucket(batch: int) -> int:
     return 1 << (batch - 1).bit_length()
 
 
+def padded(inputs: tuple[torch.Tensor | None, ...], size: int) -> tuple[torch.Tensor | None, ...]:
+    """Each batch (B, ...) with zero rows up to `size` (None stays None): rows are independent,
+    so padding rows change no other row's result. Always new tensors, also with nothing to
+    pad: made under inference mode (Bucketed's call), an input is then always an inference
+    tensor, and a compiled graph is never traced again, outside freezing's `tracing`, for a
+    caller's tensor that is not one (which would leave it unfrozen)."""
+    return tuple(None if x is None else torch.cat([x, x.new_zeros(size - len(x), *x.shape[1:])]) for x in inputs)
+
+
 @contextlib.contextmanager
 def tracing(freezing: bool):
     """What the first call of a compiled function (the one that traces and compiles it) runs
@@ -81,22 +90,23 @@ class Bucketed(nn.Module):
         self.frozen: dict[int, bool] = {}
 
     @torch.inference_mode()
-    def forward(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        n, padded = len(noise), bucket(len(noise))
-        noise = torch.cat([noise, noise.new_zeros(padded - n, *noise.shape[1:])]).to(self.device)
-        if labels is not None:
-            labels = torch.cat([labels, labels.new_zeros(padded - n)]).to(self.device)
-        if padded not in self.buckets:
-            self._choose(padded, noise, labels)
-        return self.runs[self.frozen[padded]](noise, labels)[:n]
+    def forward(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+        """Every input a batch (B, ...) or None: a generator's noise and labels, or a whole
+        decode's prefix and uniforms."""
+        n = len(inputs[0])
+        size = bucket(n)
+        inputs = tuple(None if x is None else x.to(self.device) for x in padded(inputs, size))
+        if size not in self.buckets:
+            self._choose(size, inputs)
+        return self.runs[self.frozen[size]](*inputs)[:n]
 
-    def _choose(self, padded: int, noise: torch.Tensor, labels: torch.Tensor | None) -> None:
+    def _choose(self, padded: int, inputs: tuple[torch.Tensor | None, ...]) -> None:
         """Compile every variant for this bucket and keep the fastest on this very batch."""
         for frozen, run in self.runs.items():
             with tracing(frozen):
-                run(noise, labels)
+                run(*inputs)
         variants = {"frozen" if frozen else "plain": run for frozen, run in self.runs.items()}
-        best = fastest(variants, lambda run: run(noise, labels), self.device, repeats=TRIAL_CALLS) \
+        best = fastest(variants, lambda run: run(*inputs), self.device, repeats=TRIAL_CALLS) \
             if len(variants) > 1 else next(iter(variants))
         self.buckets.add(padded)
         self.frozen[padded] = best == "frozen"

@@ -35,7 +35,7 @@ import torch
 
 from genfast import machine
 from genfast.checkpoint import weights_digest
-from genfast.engines.compiled import bucket
+from genfast.engines.compiled import bucket, padded
 from genfast.engines.fusion import fastest, fold_batchnorm
 from genfast.engines.subpixel import subpixel
 from genfast.errors import EngineUnavailable, GenfastError, GenfastWarning
@@ -191,6 +191,27 @@ class PartRuntime:
         return self.sessions[exported.key]
 
 
+class WholeRuntime(PartRuntime):
+    """The onnx engine's wrapper of a whole decode that is one exported function (next-scale's:
+    families/base.py `FixedPart.whole`): one export with a dynamic batch, called at the batch's
+    bucket (padded to a power of two, as ReplayedLoop is), since each new input shape costs its
+    IO bindings and thread trials, and a server's batches come in every size."""
+
+    def __call__(self, part) -> BucketedCall:
+        return BucketedCall(super().__call__(part))
+
+
+class BucketedCall:
+    """An ExportedCall made at the bucket of each call's batch; every input is a batch."""
+
+    def __init__(self, call: ExportedCall):
+        self.call = call
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        n = len(inputs[0])
+        return self.call(*padded(inputs, bucket(n)))[:n]
+
+
 class LoopRuntime(PartRuntime):
     """The onnx engine's recorder of a looping network's whole decode (the static decoder's:
     families/base.py `ExportedLoop`): its one function exported once per distinct loop (its
@@ -257,6 +278,7 @@ def _export_digest(exported: Exported) -> str:
                                   [(tuple(x.shape), str(x.dtype)) for x in exported.example])).encode())
     digest.update(weights_digest(exported.module).encode())
     sources = {inspect.getsourcefile(type(m)) for m in exported.module.modules()}
+    sources |= {inspect.getsourcefile(function) for function in exported.code}
     for source in sorted(path for path in sources if path and Path(path).is_relative_to(_PACKAGE)):
         digest.update(Path(source).read_bytes())
     return digest.hexdigest()[:32]
@@ -356,9 +378,7 @@ class ReplayedLoop:
             plan = self.loop.plan(size)
             self.bound[size] = (plan, *_fewer_threads_if_faster(self.sessions, plan.calls))
         plan, session, bindings = self.bound[size]
-        if size != n:
-            arguments = tuple(torch.cat([x, x.new_zeros(size - n, *x.shape[1:])]) for x in arguments)
-        plan.load(*arguments)
+        plan.load(*padded(arguments, size))
         run = session.run_with_iobinding
         for binding in bindings:
             run(binding)

@@ -233,9 +233,12 @@ class FixedPart:
     """The part of a looping network that runs with the same shapes on every call (for a
     given batch size), which compile, cudagraph and onnx replace with a faster equivalent.
     A fixed pass also offers `exported()` (an `Exported`), and a recorded whole decode
-    `exported_loop()` (an `ExportedLoop`), for engines that hand it to another runtime."""
+    `exported_loop()` (an `ExportedLoop`), for engines that hand it to another runtime.
+    `whole`: the part is the entire decode (next-scale's: a few passes of shapes known in
+    advance), so an engine exports it as one call rather than as a loop of calls."""
 
-    name: str          # for people: "the static decoder's token step"
+    name: str            # for people: "the static decoder's token step"
+    whole: bool = False
 
 
 @dataclass
@@ -249,6 +252,9 @@ class Exported:
     example: tuple[torch.Tensor, ...]   # inputs of one call, for tracing
     dynamic_shapes: tuple  # torch.export's dynamic_shapes for module(*example) (a *args parameter takes one entry)
     key: tuple
+    # Functions it runs besides its modules' methods (a decoding strategy's loop): a cache of
+    # exports keyed on the code's source reads their files too.
+    code: tuple[Callable, ...] = ()
 
 
 @dataclass

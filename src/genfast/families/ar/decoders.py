@@ -25,6 +25,9 @@ image tokens, and counts its forward passes (what a speed-up must cut):
               scale drawn in one pass, from the coarser scales and the condition, over a
               cache of the coarser scales' keys and values (model.ScaleCache). One pass
               per scale (5 for scales 1,2,3,5,7), each over that scale's tokens alone.
+              The cache grows, but by the same sizes in every decode: the whole decode
+              has shapes fixed by the batch size, and it is what the engines take (one
+              compiled program, one ONNX graph, one CUDA graph for all five passes).
               Needs the `scales` objective and a multi-scale tokenizer.
 - `scales-naive`: the same, the whole sequence again for every scale (the training
               pass, the scales not yet drawn hidden by the block-causal mask): the
@@ -244,8 +247,9 @@ class Decoder:
     def __init__(self, net: ARNet, prefix: torch.Tensor, options: Options):
         self.options = options
         self.guided = options.cfg != 1.0
-        self.prefix = torch.cat([prefix, net.null_prefix(len(prefix))]) if self.guided else prefix
-        self.batch, self.length, self.passes = len(prefix), net.sequence_length, 0
+        # shape[0], not len(): len() is a Python int, which would fix the batch size of an export
+        self.prefix = torch.cat([prefix, net.null_prefix(prefix.shape[0])]) if self.guided else prefix
+        self.batch, self.length, self.passes = prefix.shape[0], net.sequence_length, 0
 
     def rows(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.cat([tokens, tokens]) if self.guided else tokens
@@ -427,6 +431,17 @@ def scales(network: Network, prefix: torch.Tensor, noise: torch.Tensor,
     """Next-scale decoding over a ScaleCache: pass k reads scale k's input (the coarser scales'
     accumulated grid at its side; the prefix comes with scale 0's, in the first pass) with the
     cached keys and values of everything before it, and draws all of scale k's tokens."""
+    return favoured_scales(network, prefix, None, 1.0, noise, options)
+
+
+def favoured_scales(network: Network, prefix: torch.Tensor, source: torch.Tensor | None, favour: float,
+                    noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
+    """scales with a source's tokens favoured (genfast transfer), as favoured_kv does for the
+    causal model: before a scale's tokens are drawn, the probability of the source's token at
+    each of its positions is multiplied by `favour`. Each scale is drawn over the coarser
+    scales as drawn here, so where the target re-made the coarse layout, the finer scales
+    follow the new one and keep the source's detail only where it still fits. No source, or
+    favour 1, is scales."""
     net, tokenizer = network.net, network.tokenizer
     d = Decoder(net, prefix, options)
     cache, drawn, accumulated = ScaleCache(), [], tokenizer.empty_grid(d.batch)
@@ -437,7 +452,11 @@ def scales(network: Network, prefix: torch.Tensor, noise: torch.Tensor,
         end = net.prefix_tokens + span.stop
         positions = torch.arange(end - x.shape[1], end, device=prefix.device)
         logits = net.step(x, cache, positions)[:, -(span.stop - span.start):]
-        tokens = draw(d.probs(logits), noise[:, 0, span])
+        probs = d.probs(logits)
+        if source is not None and favour != 1.0:
+            mine = source[:, span, None]
+            probs = probs.scatter(2, mine, probs.gather(2, mine) * favour)  # draw normalises
+        tokens = draw(probs, noise[:, 0, span])
         drawn.append(tokens)
         if scale + 1 < len(tokenizer.spans):
             accumulated = accumulated + tokenizer.contribution(tokens, scale)
@@ -466,7 +485,9 @@ class Strategy:
 
     run: Callable[[Network, torch.Tensor, torch.Tensor, Options], tuple[torch.Tensor, int]]
     objective: str             # the training objective it decodes: "causal", "masked" or "scales"
-    fixed: str | None          # its fixed-shape pass: "step" (static_step), "forward", or None (inputs grow)
+    # Its fixed-shape part: "step" (static_step), "forward", "decode" (the whole decode: every
+    # pass's shapes follow from the batch size alone), or None (its inputs grow with the data)
+    fixed: str | None
     summary: str               # one line for --help
     # A decode of one length that never reads a tensor's value on the host, which a recorder
     # (cudagraph) can capture whole: its passes (tokenizer, net) -> count; None: not recordable.
@@ -482,8 +503,8 @@ DECODERS: dict[str, Strategy] = {
                        recorded_passes=lambda tokenizer, net: net.sequence_length, exported_loop=static_loop),
     "jacobi": Strategy(jacobi, "causal", "forward", "speculative Jacobi: all tokens drafted, checked, redrafted"),
     "parallel": Strategy(parallel, "masked", "forward", "MaskGIT: the most confident masked tokens fixed per step"),
-    "scales": Strategy(scales, "scales", None, "next-scale (VAR): a scale's tokens a pass, over a key/value cache of "
-                       "the coarser scales; cudagraph records all of it",
+    "scales": Strategy(scales, "scales", "decode", "next-scale (VAR): a scale's tokens a pass, over a key/value cache "
+                       "of the coarser scales; compile, onnx and cudagraph take all of it as one call",
                        recorded_passes=lambda tokenizer, net: len(tokenizer.spans)),
     "scales-naive": Strategy(scales_naive, "scales", "forward", "next-scale, the whole sequence again for every "
                              "scale"),

@@ -5,7 +5,9 @@ The generator is a LoopNetwork (families/base.py): compile, onnx and cudagraph n
 learn which strategy it runs. They ask for its fixed-shape part, which the strategy's
 registry entry names (decoders.py): the static decoder's token step (one wrapped step
 is kept per batch size, so compiling happens once per size, and its cache
-buffers are reused), or the full-sequence pass of jacobi, parallel and scales-naive.
+buffers are reused), the full-sequence pass of jacobi, parallel and scales-naive, or
+next-scale's whole decode (five passes whose shapes follow from the batch size: one
+compiled program or one ONNX graph for all of them).
 A recorder asks for the whole decode instead, which the static and scales decoders
 offer: fixed length, no wait on a tensor's value, so one CUDA graph holds all of it;
 ONNX Runtime replays static's as the chained calls of one exported function
@@ -24,11 +26,11 @@ from genfast.errors import GenfastError
 from genfast.families.ar import decoders
 from genfast.families.ar.model import ARNet
 from genfast.families.ar.tokenizer import VQVAENet
-from genfast.families.base import ExportedLoop, FixedPart, LoopNetwork, Wrap
+from genfast.families.base import Exported, ExportedLoop, FixedPart, LoopNetwork, Wrap
 
 PARTS = {"step": FixedPart("the static decoder's token step, its draw included"),
          "forward": FixedPart("the full-sequence pass"),
-         "decode": FixedPart("the whole decode of static or scales: every pass and draw")}
+         "decode": FixedPart("the whole decode of static or scales: every pass and draw", whole=True)}
 
 
 class ARGenerator(LoopNetwork):
@@ -45,12 +47,14 @@ class ARGenerator(LoopNetwork):
         strategy = decoders.DECODERS[decode]
         self.fixed = strategy.fixed  # which of its passes the wrapper wraps
         self.forward_pass = wrap(net) if wrap and self.fixed == "forward" else None
-        self.record, self.recorded = record, None  # the recorder and, once made, the recorded whole decode
+        # The recorder, and once made the whole decode as the engines run it (wrapped, where
+        # the strategy's fixed part is the whole decode; recorded, where there is a recorder).
+        self.record, self.whole = record, None
 
     def __getstate__(self):
-        # The per-batch steps and the recording are caches (of compiled code, cache buffers,
-        # graphs): a copy (bf16's deepcopy) starts without them and builds its own.
-        return self.__dict__ | {"steps": {}, "recorded": None}
+        # The per-batch steps and the whole decode are caches (of compiled code, cache
+        # buffers, graphs): a copy (bf16's deepcopy) starts without them and builds its own.
+        return self.__dict__ | {"steps": {}, "whole": None}
 
     # --- the acceleration surface (LoopNetwork) ------------------------------------------
 
@@ -98,13 +102,25 @@ class ARGenerator(LoopNetwork):
     def tokens(self, noise: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         uniforms = torch.special.ndtr(noise.float())  # Gaussian noise -> uniforms, one set per position
         prefix = self.net.prefix(condition) if condition is not None else self.net.null_prefix(len(noise))
-        if self.record is None:
+        whole = self.whole_decode()
+        if whole is None:
             tokens, self.passes = self.run_strategy(prefix, uniforms)
             return tokens
-        if self.recorded is None:
-            self.recorded = self.record(_WholeDecode(self))
-        self.passes = decoders.DECODERS[self.decode].recorded_passes(self.tokenizer, self.net)  # fixed, as recorded
-        return self.recorded(prefix, uniforms)
+        self.passes = decoders.DECODERS[self.decode].recorded_passes(self.tokenizer, self.net)  # fixed, as run
+        return whole(prefix, uniforms)
+
+    def whole_decode(self) -> Callable | None:
+        """The whole decode as the engines made it, (prefix, uniforms) -> tokens, built on first
+        use: wrapped when it is the strategy's fixed part, then recorded when there is a
+        recorder. None when the strategy's own loop runs (around any wrapped part)."""
+        wrapped = self.wrap is not None and self.fixed == "decode"
+        if not wrapped and self.record is None:
+            return None
+        if self.whole is None:
+            whole = _WholeDecode(self)
+            whole = self.wrap(whole) if wrapped else whole
+            self.whole = self.record(whole) if self.record else whole
+        return self.whole
 
     def run_strategy(self, prefix: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, int]:
         network = decoders.Network(self.net, self.forward_pass, self.static_step, self.tokenizer)
@@ -115,18 +131,32 @@ class ARGenerator(LoopNetwork):
 
 
 class _WholeDecode(nn.Module):
-    """A generator's whole decode as one module, (prefix, uniforms) -> tokens, for a recorder
-    (cudagraph's GraphReplay, which pads a batch to its bucket): the strategy over the
-    generator's own (possibly compiled) steps, so their cache buffers are what it records."""
+    """A generator's whole decode as one module, (prefix, uniforms) -> tokens: for a recorder
+    (cudagraph's GraphReplay, which pads a batch to its bucket), the strategy over the
+    generator's own (possibly compiled) steps, so their cache buffers are what it records;
+    and for engines that wrap it whole (compile, onnx) where it is the strategy's fixed part."""
 
     def __init__(self, generator: ARGenerator):
         super().__init__()
-        self.net = generator.net  # the recorder finds the device from its parameters
+        # Both networks as submodules: the recorder finds the device from their parameters, and
+        # an export reads the tokenizer's weights (next-scale decoding runs its codebook) as
+        # parameters, not as constants it cannot name.
+        self.net, self.tokenizer = generator.net, generator.tokenizer
         self.run_strategy = generator.run_strategy
-        self.strategy, self.options = decoders.DECODERS[generator.decode], generator.options
+        self.decode, self.options = generator.decode, generator.options
+        self.strategy = decoders.DECODERS[generator.decode]
 
     def forward(self, prefix: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         return self.run_strategy(prefix, uniforms)[0]
+
+    def exported(self) -> Exported:
+        """This decode as one pure function for an exporting engine (onnx), the batch dynamic:
+        it has no state between calls (a next-scale decode builds its cache inside)."""
+        net, batch = self.net, torch.export.Dim("batch", min=1)
+        example = (net.null_prefix(2).detach().clone(),  # torch.export specialises on a batch of 1
+                   torch.full((2, 3, net.sequence_length), 0.5, device=net.null.device))
+        return Exported(self, example, ({0: batch}, {0: batch}), ("decode", self.decode, dataclasses.astuple(
+            self.options)), code=(self.strategy.run,))
 
     def exported_loop(self) -> ExportedLoop:
         """The same decode as chained calls of one exported function, for a runtime that

@@ -210,7 +210,7 @@ class VQVAENet(nn.Module):
     def contribution(self, tokens: torch.Tensor, scale: int) -> torch.Tensor:
         """One scale's tokens (B, side * side) -> their part of the grid (B, code_dim, grid, grid)."""
         side = self.sides[scale]
-        codes = self.quantizer.codebook[tokens].view(len(tokens), side, side, -1).permute(0, 3, 1, 2)
+        codes = self.quantizer.codebook[tokens].view(tokens.shape[0], side, side, -1).permute(0, 3, 1, 2)
         if side != self.grid:
             codes = F.interpolate(codes, size=(self.grid, self.grid), mode="bicubic", align_corners=False)
         return codes if self.phis is None else self.phis[scale](codes)
