@@ -100,7 +100,7 @@ class Bucketed(nn.Module):
             self._choose(size, inputs)
         return self.runs[self.frozen[size]](*inputs)[:n]
 
-    def _choose(self, padded: int, inputs: tuple[torch.Tensor | None, ...]) -> None:
+    def _choose(self, size: int, inputs: tuple[torch.Tensor | None, ...]) -> None:
         """Compile every variant for this bucket and keep the fastest on this very batch."""
         for frozen, run in self.runs.items():
             with tracing(frozen):
@@ -108,5 +108,5 @@ class Bucketed(nn.Module):
         variants = {"frozen" if frozen else "plain": run for frozen, run in self.runs.items()}
         best = fastest(variants, lambda run: run(*inputs), self.device, repeats=TRIAL_CALLS) \
             if len(variants) > 1 else next(iter(variants))
-        self.buckets.add(padded)
-        self.frozen[padded] = best == "frozen"
+        self.buckets.add(size)
+        self.frozen[size] = best == "frozen"
