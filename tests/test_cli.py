@@ -87,7 +87,8 @@ BAD_INPUTS = {
     "unknown family": (["train", "diffusion", "--data", "fake", "--out", "{tmp}/r"], 2, "invalid choice: 'diffusion'"),
     "unknown data set": (["train", "gan", "--data", "cifar", "--out", "{tmp}/r"], 1, "unknown data set 'cifar'"),
     "unknown config key": (["train", "gan", "--data", "fake", "--out", "{tmp}/r", "zdim=3"], 1,
-                           "unknown config key 'zdim' for GANConfig; valid keys: batch_size, conditional,"),
+                           "unknown config key 'zdim' for GANConfig; valid keys: batch_size, warmup_steps, "
+                           "decay_steps, conditional,"),
     "missing checkpoint": (["sample", "{tmp}/nope.safetensors", "--out", "{tmp}/g.png"], 1, "not found"),
     "unknown model name": (["sample", "gan-cifar", "--out", "{tmp}/g.png"], 1, "shipped models:"),
     "zero images": (["sample", "{ckpt}", "-n", "0", "--out", "{tmp}/g.png"], 2, "must be at least 1, got 0"),

@@ -6,7 +6,7 @@ import torch
 from genfast import checkpoint, pretrained
 from genfast.errors import GenfastError
 from genfast.families.gan import GAN
-from genfast.train import TrainOptions, train
+from genfast.train import TrainOptions, learning_rate_share, train
 
 from conftest import train_tiny
 
@@ -38,7 +38,8 @@ def test_resume_continues_the_same_run(tmp_path: Path, conditional):
 def test_resume_refuses_to_change_the_config(tmp_path: Path):
     train_tiny(tmp_path, steps=2)
     options = TrainOptions(out=tmp_path, data="fake", steps=4, resume=True, progress=False)
-    with pytest.raises(GenfastError, match="can change only lr_g, lr_d, beta1, beta2, not: z_dim=9"):
+    with pytest.raises(GenfastError,
+                       match="can change only lr_g, lr_d, beta1, beta2, warmup_steps, decay_steps, not: z_dim=9"):
         train("gan", options, preset="tiny", pairs=["z_dim=9"])
     with pytest.raises(GenfastError, match="whose data set is 'fake', not 'mnist'"):
         train("gan", TrainOptions(out=tmp_path, data="mnist", steps=4, resume=True, progress=False), preset="tiny")
@@ -171,6 +172,34 @@ def test_resume_may_lower_the_learning_rate(tmp_path: Path):
     assert ckpt.optimizers["discriminator"]["param_groups"][0]["lr"] == 2e-4
 
 
+def test_learning_rate_share_warms_up_holds_and_decays_to_the_runs_end():
+    shares = [learning_rate_share(step, 10, warmup=2, decay=4) for step in range(10)]
+    assert shares == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert [learning_rate_share(step, 3, warmup=0, decay=0) for step in range(3)] == [1.0, 1.0, 1.0]
+    assert learning_rate_share(0, 4, warmup=3, decay=4) == 1 / 3  # both at once: their product
+
+
+def _schedule_run(out: Path, steps: int, decay: int, resume: bool = False) -> checkpoint.Checkpoint:
+    options = TrainOptions(out=out, data="fake", steps=steps, resume=resume, progress=False, precision="fp32",
+                           sample_every=1000, checkpoint_every=1000)
+    return checkpoint.load(train("gan", options, preset="tiny", pairs=["warmup_steps=2", f"decay_steps={decay}"]))
+
+
+def test_the_schedule_sets_every_optimizer_and_a_resumed_run_keeps_it(tmp_path: Path):
+    straight = _schedule_run(tmp_path / "a", steps=8, decay=4)
+    config = straight.config
+    # The last step (7 of 8) trains at 1/4 of each configured rate, the generator's and the discriminator's.
+    assert straight.optimizers["generator"]["param_groups"][0]["lr"] == pytest.approx(config["lr_g"] / 4)
+    assert straight.optimizers["discriminator"]["param_groups"][0]["lr"] == pytest.approx(config["lr_d"] / 4)
+    # Warmed up at constant rate, then continued and decayed: the straight run's steps, as
+    # warmup-stable-decay allows (the decay decided when the run is continued).
+    _schedule_run(tmp_path / "b", steps=4, decay=0)
+    resumed = _schedule_run(tmp_path / "b", steps=8, decay=4, resume=True)
+    a, b = _all_tensors(straight), _all_tensors(resumed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_ctrl_c_saves_the_last_whole_step(tmp_path: Path, monkeypatch):
     import os
     import signal
@@ -203,6 +232,8 @@ def test_divergence_before_any_checkpoint_says_so(tmp_path: Path, monkeypatch):
     ("lr_g=-1", "'lr_g' must be >= 0"), ("lr_d=nan", "'lr_d' must be >= 0"), ("z_dim=0", "'z_dim' must be > 0"),
     ("beta1=1.5", "'beta1' must be in [0, 1)"), ("leaky_slope=-5", "'leaky_slope' must be >= 0"),
     ("batch_size=1", "batch_size=1 is impossible"), ("channels=3", "channels are set by the data set"),
+    ("warmup_steps=-1", "'warmup_steps' must be >= 0"),
+    ("decay_steps=2", "decay_steps=2 is more than the run's 1 steps"),
 ])
 def test_bad_config_values_are_one_clear_error(tmp_path: Path, pair, message):
     with pytest.raises(GenfastError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

@@ -166,6 +166,15 @@ def test_a_favouring_model_keeps_more_of_the_source_the_lower_the_strength(kind,
     assert kept == sorted(kept, reverse=True) and kept[0] > 0.9 and kept[-1] < 0.5, kept
 
 
+def test_a_next_scale_model_transfers_with_constant_guidance_whatever_its_header_samples_with(tiny_var, tmp_path):
+    tuned = pretrained.slim(tiny_var[1], tmp_path / "tuned.safetensors", half=False,
+                            pairs=["cfg_schedule=linear", "last_scale_temperature=0"])
+    assert pretrained.load(tuned).module.options.cfg_schedule == "linear"
+    model, plain = transfer.load(tuned), transfer.load(tiny_var[1])
+    assert model.options == plain.options == decoders.Options(cfg=transfer.DEFAULT_CFG)
+    assert torch.equal(_remade(model, 0.5)[2], _remade(plain, 0.5)[2])
+
+
 def test_favoured_kv_is_kv_at_favour_1_and_the_source_at_a_great_one(tiny_ar):
     """Favour 1 draws exactly what kv draws; a favour no probability can resist gives the
     source back; each token drawn, favoured or not, is one the cache predicts after the

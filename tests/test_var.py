@@ -147,14 +147,18 @@ def test_block_causal_attention_a_finer_scale_never_changes_a_coarser_ones_logit
         assert not torch.allclose(after[:, finer], before[:, finer]), k
 
 
-@pytest.mark.parametrize("cfg, temperature, top_k", [(1.0, 1.0, 0), (3.0, 1.0, 0), (1.0, 0.0, 0), (2.0, 0.8, 5)])
+@pytest.mark.parametrize("settings", [{}, {"cfg": 3.0}, {"temperature": 0.0},
+                                      {"cfg": 2.0, "temperature": 0.8, "top_k": 5},
+                                      {"cfg": 2.0, "cfg_schedule": "linear", "last_scale_temperature": 0.0},
+                                      {"cfg": 3.0, "temperature": 0.8, "cfg_schedule": "linear",
+                                       "last_scale_temperature": 0.5}])
 @torch.no_grad()
-def test_the_cached_decoder_draws_the_tokens_of_the_reference(cfg, temperature, top_k):
+def test_the_cached_decoder_draws_the_tokens_of_the_reference(settings):
     tokenizer = tiny_tokenizer()
     net = tiny_scales_net(tokenizer)
     network = Network(net, tokenizer=tokenizer)
     prefix = net.prefix(torch.tensor([0, 1, 2, -1]))
-    options = decoders.Options(cfg=cfg, temperature=temperature, top_k=top_k)
+    options = decoders.Options(**settings)
     u = uniforms(4)
     cached, passes = decoders.scales(network, prefix, u, options)
     reference, reference_passes = decoders.scales_naive(network, prefix, u, options)
@@ -203,6 +207,68 @@ def test_favoured_scales_is_scales_at_favour_1_and_the_source_at_a_great_one():
         tokens, passes = decoders.favoured_scales(network, prefix, source, 2.0, u, greedy)
         best = net(prefix, tokenizer.next_scale_inputs(tokens))[:, net.prefix_tokens:].argmax(-1)
     assert ((tokens == best) | (tokens == source)).all() and not torch.equal(tokens, source) and passes == len(SIDES)
+
+
+def test_scale_options_ramp_the_guidance_and_set_the_finest_scales_temperature():
+    options = decoders.Options(cfg=3.0, temperature=0.9, cfg_schedule="linear", last_scale_temperature=0.2)
+    per_scale = [decoders.scale_options(options, scale, 5) for scale in range(5)]
+    assert [o.cfg for o in per_scale] == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert [o.temperature for o in per_scale] == [0.9, 0.9, 0.9, 0.9, 0.2]
+    plain = decoders.Options(cfg=3.0, temperature=0.9)
+    assert all(decoders.scale_options(plain, scale, 5) == plain for scale in range(5))
+    assert decoders.scale_options(options, 0, 1).cfg == 3.0  # a single scale is the last one
+
+
+@torch.no_grad()
+def test_a_greedy_finest_scale_takes_the_argmax_of_its_guided_logits_over_the_coarse_scales_drawn():
+    """last_scale_temperature changes the finest scale's draw alone: the coarser scales are
+    what the decode draws without it, and at 0 each finest token is the argmax of the guided
+    logits of the reference pass over the tokens drawn."""
+    tokenizer = tiny_tokenizer()
+    net = tiny_scales_net(tokenizer)
+    network, prefix, u = Network(net, tokenizer=tokenizer), net.prefix(torch.tensor([0, 1, 2])), uniforms(3)
+    tokens, _ = decoders.scales(network, prefix, u, decoders.Options(cfg=2.0, last_scale_temperature=0.0))
+    plain, _ = decoders.scales(network, prefix, u, decoders.Options(cfg=2.0))
+    last = tokenizer.spans[-1]
+    assert torch.equal(tokens[:, :last.start], plain[:, :last.start])
+    inputs = tokenizer.next_scale_inputs(tokens)
+    conditional, unconditional = (net(p, inputs)[:, net.prefix_tokens + last.start:net.prefix_tokens + last.stop]
+                                  for p in (prefix, net.null_prefix(3)))
+    assert torch.equal(tokens[:, last], (unconditional + 2.0 * (conditional - unconditional)).argmax(-1))
+    assert not torch.equal(tokens[:, last], plain[:, last])
+
+
+def test_the_next_scale_settings_are_checked(tiny_var, tiny_ar):
+    with pytest.raises(GenfastError, match="cfg_schedule must be one of constant, linear, got 'cosine'"):
+        genfast.load(tiny_var[1], cfg_schedule="cosine")
+    with pytest.raises(GenfastError, match="'last_scale_temperature' must be >= 0"):
+        genfast.load(tiny_var[1], last_scale_temperature=-1.0)
+    with pytest.raises(GenfastError, match="cfg_schedule set how next-scale models .* objective is causal: drop them"):
+        genfast.load(tiny_ar, cfg_schedule="linear")
+    assert genfast.load(tiny_var[1], cfg_schedule="linear", last_scale_temperature=0.0).module.options == \
+        decoders.Options(cfg_schedule="linear", last_scale_temperature=0.0)
+
+
+def test_slim_sets_the_copys_own_sampling_settings_and_refuses_others(tiny_var, tmp_path, capsys):
+    out = tmp_path / "tuned.safetensors"
+    status, _, err = run(capsys, "slim", tiny_var[1], out, "--fp32", "cfg=2", "cfg_schedule=linear",
+                         "last_scale_temperature=0")
+    assert status == 0, err
+    tuned, source = genfast.load(out), genfast.load(tiny_var[1])
+    assert checkpoint.read_header(out)["extra"]["set_by_slim"] == {"cfg": "2", "cfg_schedule": "linear",
+                                                                   "last_scale_temperature": "0"}
+    assert tuned.module.options == decoders.Options(cfg=2.0, cfg_schedule="linear", last_scale_temperature=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(tuned.module.net.state_dict().values(),
+                                                 source.module.net.state_dict().values()))
+    assert torch.equal(tuned.generate(4, seed=3), genfast.load(tiny_var[1], cfg=2.0, cfg_schedule="linear",
+                                                               last_scale_temperature=0.0).generate(4, seed=3))
+    for pair, message in (("lr=1", "lr is not a sampling setting of a ar model, so slim cannot set it; it takes "
+                                   "decode, cfg"),
+                          ("cfg_schedule=cosine", "cfg_schedule must be one of constant, linear, got 'cosine'"),
+                          ("cfg", "unrecognized arguments: cfg")):
+        status, _, err = run(capsys, "slim", tiny_var[1], tmp_path / "bad.safetensors", pair)
+        assert status != 0 and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_the_scales_decoders_fit_only_the_scales_objective():
@@ -311,7 +377,8 @@ def test_the_engines_take_the_whole_next_scale_decode_as_one_call(tiny_var):
     from genfast.engines.cudagraph import GraphReplay
     from genfast.engines.onnx import ExportedCall
 
-    sampler = genfast.load(tiny_var[1]).with_decoding(cfg=2.0)
+    # With the next-scale settings: each pass's options are constants of the one graph.
+    sampler = genfast.load(tiny_var[1]).with_decoding(cfg=2.0, cfg_schedule="linear", last_scale_temperature=0.5)
     part = sampler.module.fixed_part()
     assert part.whole and part is sampler.module.recorded_part()
     noise, labels = sampler.noise(4, 1), sampler.labels(4)

@@ -422,7 +422,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_slim(args: argparse.Namespace) -> None:
-    path = pretrained.slim(args.checkpoint, args.out, half=not args.fp32)
+    path = pretrained.slim(args.checkpoint, args.out, half=not args.fp32, pairs=args.overrides)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -705,6 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--fp32", action="store_true", help="keep fp32 weights (default: fp16 storage)")
+    # key=value pairs (collected by main(), as train's overrides) set the copy's own sampling settings.
+    p.epilog = ("Sampling settings go anywhere as key=value: the copy's defaults (genfast.load's keys), e.g. "
+                "'genfast slim runs/ar/checkpoint.safetensors ar.safetensors cfg=2'.")
     p.set_defaults(run=cmd_slim)
 
     p = commands.add_parser("data", help="list, inspect, import and download data sets")
@@ -756,9 +759,10 @@ def _one_line_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # Only `train` takes key=value overrides; anything else unrecognised is a usage error.
+    # Only `train` (config overrides) and `slim` (sampling settings) take key=value pairs;
+    # anything else unrecognised is a usage error.
     overrides = [a for a in extra if "=" in a and not a.startswith("-")]
-    if len(overrides) != len(extra) or (overrides and args.command != "train"):
+    if len(overrides) != len(extra) or (overrides and args.command not in ("train", "slim")):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides, args.argv = overrides, list(sys.argv[1:] if argv is None else map(str, argv))
     _one_line_warnings()

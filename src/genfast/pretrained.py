@@ -170,10 +170,23 @@ def reconstructions(name_or_path: str | Path, n: int, seed: int = 0, class_name:
                       for t in (originals[start:start + 10], rebuilt[start:start + 10])])
 
 
-def slim(src: Path, dst: Path, half: bool = True) -> Path:
-    """Write an inference-only copy of a training checkpoint (no optimizer, no discriminator)."""
+def slim(src: Path, dst: Path, half: bool = True, pairs: list[str] = ()) -> Path:
+    """Write an inference-only copy of a training checkpoint (no optimizer, no discriminator).
+
+    `pairs` ("key=value", as on a command line) set the copy's own sampling settings
+    (the family's `sampling_keys`, what genfast.load(**settings) would change): the defaults
+    its users get, chosen after training, with the weights untouched."""
     ckpt = checkpoint.load(src)
     family = get_family(ckpt.family)
+    if settings := configlib.parse_pairs(list(pairs)):
+        if unknown := [key for key in settings if key not in family.sampling_keys]:
+            raise GenfastError(f"{', '.join(unknown)} is not a sampling setting of a {family.name} model, so slim "
+                               f"cannot set it" + (f"; it takes {', '.join(family.sampling_keys)}"
+                                                   if family.sampling_keys else ""))
+        config = configlib.override(configlib.from_dict(family.config_class, ckpt.config), settings)
+        family.check_sampling(config)
+        ckpt.config = configlib.to_dict(config)
+        ckpt.extra["set_by_slim"] = settings  # so the header says which settings training did not choose
     ckpt.modules = {n: s for n, s in ckpt.modules.items() if n in family.inference_modules()}
     ckpt.optimizers = {}
     checkpoint.save(ckpt, dst, half=half)

@@ -456,6 +456,7 @@ def plan_run(family: Family, options: TrainOptions, asked: dict[str, Any], saved
     if total <= start:
         raise GenfastError(f"nothing to train: the run is at step {start} and {total} steps were asked for; "
                            f"ask for more with --steps or --epochs")
+    _check_schedule(config, total)
     dataset_info = {"name": data_name, "class_names": list(train_set.class_names),
                     "image_shape": list(train_set.image_shape), "train_size": len(train_set),
                     "source": train_set.source}
@@ -464,6 +465,33 @@ def plan_run(family: Family, options: TrainOptions, asked: dict[str, Any], saved
         precision, note = (probe or probe_precision)(device, torch.get_num_threads())
     return RunPlan(family, config, train_set, seed, precision, start, total, steps_per_epoch,
                    config.batch_size // world_size, saved, dataset_info, note, init)
+
+
+# The learning-rate schedule's keys (TrainedConfig's): a resumed run may change them, as it
+# may change its optimizers' hyperparameters (family.optimizer_keys).
+SCHEDULE_KEYS = ("warmup_steps", "decay_steps")
+
+
+def learning_rate_share(step: int, total: int, warmup: int, decay: int) -> float:
+    """The share of its configured learning rate that step `step` (from 0) of a `total`-step run
+    trains at: a linear warm-up over the first `warmup` steps, constant, then linearly down over
+    the last `decay` steps, to 1/decay at the last one (warmup-stable-decay: Hu et al., "MiniCPM",
+    2024). Why a decay at the end: a constant rate leaves the weights moving about the minimum
+    by its noise, which the last steps at a falling rate settle; a run at constant rate can be
+    continued (--init, or --resume with more steps) and decayed later."""
+    share = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if decay:
+        share *= min(1.0, (total - step) / decay)
+    return share
+
+
+def _check_schedule(config: Any, total: int) -> None:
+    for key in SCHEDULE_KEYS:
+        if getattr(config, key) < 0:
+            raise GenfastError(f"config key '{key}' must be >= 0, got {getattr(config, key)}")
+    if config.decay_steps > total:
+        raise GenfastError(f"decay_steps={config.decay_steps} is more than the run's {total} steps: the rate "
+                           f"decays over a run's last steps; choose at most {total}")
 
 
 def _init_checkpoint(family: Family, name: str) -> checkpoint.Checkpoint:
@@ -501,11 +529,12 @@ def _config_for_run(family: Family, asked: dict[str, Any], saved: checkpoint.Che
         return configlib.override(base, asked)
     resumed = configlib.from_dict(family.config_class, saved.config)
     wanted = configlib.override(resumed, asked)
+    changeable = family.optimizer_keys + SCHEDULE_KEYS
     changed = [f"{k}={getattr(wanted, k)!r} (saved: {getattr(resumed, k)!r})" for k in asked
-               if getattr(wanted, k) != getattr(resumed, k) and k not in family.optimizer_keys]
+               if getattr(wanted, k) != getattr(resumed, k) and k not in changeable]
     if changed:
         raise GenfastError(f"--resume continues the saved run and can change only "
-                           f"{', '.join(family.optimizer_keys)}, not: {'; '.join(changed)}; "
+                           f"{', '.join(changeable)}, not: {'; '.join(changed)}; "
                            f"start a new run with another --out")
     return wanted
 
@@ -564,6 +593,13 @@ class _SetUp:
     modules: dict[str, nn.Module]         # the bare networks: what is saved and sampled
     optimizers: dict[str, torch.optim.Optimizer]
     trained: dict[str, nn.Module]         # what train_step runs: the trained ones as DDP over the processes
+    base_rates: dict[str, list[float]]    # each optimizer's learning rate per group, as the config sets it
+
+    def schedule(self, share: float) -> None:
+        """Every optimizer's groups at `share` of their configured learning rates."""
+        for name, optimizer in self.optimizers.items():
+            for group, rate in zip(optimizer.param_groups, self.base_rates[name]):
+                group["lr"] = rate * share
 
 
 def _set_up(plan: RunPlan, options: TrainOptions, device: torch.device) -> _SetUp:
@@ -584,7 +620,8 @@ def _set_up(plan: RunPlan, options: TrainOptions, device: torch.device) -> _SetU
         _restore(plan.saved, modules, optimizers)
     plan.family.start_run(modules, config, plan.train_set, plan.seed)
     trained = {name: distributed.wrap(m, device) if name in optimizers else m for name, m in modules.items()}
-    return _SetUp(config, modules, optimizers, trained)
+    base_rates = {name: [group["lr"] for group in optimizer.param_groups] for name, optimizer in optimizers.items()}
+    return _SetUp(config, modules, optimizers, trained, base_rates)
 
 
 def _load_init(name: str, init: checkpoint.Checkpoint, modules: dict[str, nn.Module],
@@ -701,6 +738,8 @@ def _loop(plan: RunPlan, options: TrainOptions, device: torch.device, here: dist
                 y = all_labels[batch] if all_labels is not None else None
                 t1 = time.perf_counter()
                 generator = _seed_step(plan.seed, step, here.rank, device)
+                share = learning_rate_share(step, plan.total, config.warmup_steps, config.decay_steps)
+                setup.schedule(share)
                 with _autocast(device, plan.precision):
                     losses = family.train_step(setup.trained, setup.optimizers, x, y, generator, config)
                 # Every process logs and judges the global batch's mean losses, and stops at
@@ -723,6 +762,7 @@ def _loop(plan: RunPlan, options: TrainOptions, device: torch.device, here: dist
                     for key, value in losses.items():
                         outputs.logs.add_scalar(f"train/{key}", value, done)
                     outputs.logs.add_scalar("train/images_per_s", images_per_s, done)
+                    outputs.logs.add_scalar("train/lr_share", share, done)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k.startswith("loss")}
                                 | {"img/s": f"{images_per_s:.0f}"})

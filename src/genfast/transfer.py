@@ -36,6 +36,7 @@ The quality of both kinds is measured by benchmarks/transfer_quality.py (BENCHMA
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -63,6 +64,11 @@ DEFAULT_STRENGTH = {"causal": 0.4, "masked": 0.7, "scales": 0.45}
 # spreads the useful range (favours of ~10 to ~1e7, BENCHMARKS.md) over strengths 0.2 to 0.8.
 FAVOUR_POWER = 10
 DEFAULT_CFG = 5.0
+# A token model transfers with constant guidance and one temperature at every scale, whatever
+# its header sets for sampling (a next-scale model's cfg_schedule and last_scale_temperature):
+# guidance ramped up from 1 would leave the coarse scales, where the class is decided, without
+# the target's pull, and the strengths above were measured without either.
+TRANSFER_SAMPLING = {"cfg_schedule": "constant", "last_scale_temperature": None}
 DEFAULT_SAMPLES = 10  # sources taken from a model, unless -n says how many
 CHECKPOINT_SUFFIX = ".safetensors"
 
@@ -242,7 +248,8 @@ def load(name_or_path: str | Path, device: str = "cpu", cfg: float | None = None
                            "class or prompt to decode an image under; give a conditional model (cvae-..., ar-..., "
                            "ar-text-..., var-...)")
     if ckpt.family == "ar":
-        config = configlib.override(config, {"cfg": DEFAULT_CFG if cfg is None else cfg})
+        config = dataclasses.replace(configlib.override(config, {"cfg": DEFAULT_CFG if cfg is None else cfg}),
+                                     **TRANSFER_SAMPLING)
         family.check_sampling(config)
     elif cfg is not None:
         raise GenfastError(f"--cfg (classifier-free guidance) applies to token models; {name_or_path} is a CVAE")

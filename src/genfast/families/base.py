@@ -200,9 +200,15 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 @dataclass
 class TrainedConfig:
     """The fields every family's config has: the trainer reads them, and fills in the
-    last three from the data set when training starts (they are saved with the checkpoint)."""
+    last three from the data set when training starts (they are saved with the checkpoint).
+    The learning-rate schedule is the trainer's, for every optimizer of every family
+    (train.learning_rate_share): a linear warm-up over the first `warmup_steps`, constant,
+    then linearly down over the run's last `decay_steps`, to 1/decay_steps of it at the last
+    step (0: no decay)."""
 
     batch_size: int = 128
+    warmup_steps: int = 0
+    decay_steps: int = 0
     conditional: bool = False
     image_size: int = 28
     channels: int = 1

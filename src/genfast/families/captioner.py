@@ -342,7 +342,7 @@ class Captioner(Family):
     generative = False
     config_class = CaptionerConfig
     presets = PRESETS
-    optimizer_keys = ("lr", "weight_decay", "warmup_steps")
+    optimizer_keys = ("lr", "weight_decay")
 
     def model_name(self, config: CaptionerConfig) -> str:
         return "captioner"
@@ -357,7 +357,7 @@ class Captioner(Family):
 
     def build(self, config: CaptionerConfig) -> dict[str, nn.Module]:
         require(config, positive=("n_layer", "n_head", "n_embd", "batch_size", "lr", "max_tokens"),
-                non_negative=("weight_decay", "warmup_steps", "probe_loss"), unit=("dropout",))
+                non_negative=("weight_decay", "probe_loss"), unit=("dropout",))
         if config.n_embd % config.n_head:
             raise GenfastError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
         if not config.conditional or config.num_classes < 2:
@@ -390,9 +390,6 @@ class Captioner(Family):
             probe_loss = probe_loss + F.cross_entropy(level_logits.reshape(-1, 3),
                                                       (levels.long() + 1).reshape(-1).to(images.device))
         loss = caption_loss + config.probe_loss * probe_loss
-        step = optimizer.state[trained[0]].get("step", 0)
-        for group in optimizer.param_groups:  # linear warm-up, then constant (as the ar transformer)
-            group["lr"] = config.lr * min(1.0, (float(step) + 1) / max(1, config.warmup_steps))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)

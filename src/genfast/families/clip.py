@@ -154,7 +154,7 @@ class CLIP(Family):
     generative = False
     config_class = CLIPConfig
     presets = PRESETS
-    optimizer_keys = ("lr", "weight_decay", "warmup_steps")
+    optimizer_keys = ("lr", "weight_decay")
 
     def model_name(self, config: CLIPConfig) -> str:
         return "clip"
@@ -175,7 +175,7 @@ class CLIP(Family):
 
     def build(self, config: CLIPConfig) -> dict[str, nn.Module]:
         require(config, positive=("width", "hidden", "embed_dim", "batch_size", "lr", "pool_per_cell"),
-                non_negative=("weight_decay", "warmup_steps"))
+                non_negative=("weight_decay",))
         if not config.conditional or config.num_classes < 2:
             raise GenfastError("a clip model needs a labelled data set with at least 2 classes: its captions name "
                                "the class")
@@ -198,10 +198,7 @@ class CLIP(Family):
         said = head.said[index][None]
         true = (labels[:, None] == labels[None]) & ((said == 0) | (said == levels[:, None])).all(-1)
         loss = (_soft_cross_entropy(logits, true) + _soft_cross_entropy(logits.T, true.T)) / 2
-        for optimizer in optimizers.values():  # linear warm-up, then constant
-            step = optimizer.state[optimizer.param_groups[0]["params"][0]].get("step", 0)
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * min(1.0, (float(step) + 1) / max(1, config.warmup_steps))
+        for optimizer in optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for optimizer in optimizers.values():

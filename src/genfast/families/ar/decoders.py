@@ -28,7 +28,10 @@ image tokens, and counts its forward passes (what a speed-up must cut):
               The cache grows, but by the same sizes in every decode: the whole decode
               has shapes fixed by the batch size, and it is what the engines take (one
               compiled program, one ONNX graph, one CUDA graph for all five passes).
-              Needs the `scales` objective and a multi-scale tokenizer.
+              Needs the `scales` objective and a multi-scale tokenizer. Two sampling
+              settings of its own (`scale_options`): guidance that ramps up over the
+              scales (VAR's), and the finest scale's own temperature, whose tokens,
+              drawn together, do not see each other.
 - `scales-naive`: the same, the whole sequence again for every scale (the training
               pass, the scales not yet drawn hidden by the block-causal mask): the
               reference `scales` is held to, and a pass of fixed shape for the engines.
@@ -71,6 +74,12 @@ class Options:
     parallel_steps: int = 8    # MaskGIT's number of steps
     choice_temperature: float = 4.5  # MaskGIT's Gumbel noise on the confidences, annealed to 0 (Chang et al.'s 4.5)
     jacobi_window: int = 16    # drafts checked per Jacobi pass
+    # Next-scale decoding only (scale_options):
+    cfg_schedule: str = "constant"  # "linear": guidance from 1 at the first scale up to cfg at the last (VAR's)
+    last_scale_temperature: float | None = None  # the finest scale's temperature (None: temperature)
+
+
+CFG_SCHEDULES = ("constant", "linear")
 
 
 @dataclass
@@ -254,9 +263,10 @@ class Decoder:
     def rows(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.cat([tokens, tokens]) if self.guided else tokens
 
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+    def probs(self, logits: torch.Tensor, options: Options | None = None) -> torch.Tensor:
+        """A pass's probabilities, under `options` where a pass has its own (default: the decode's)."""
         self.passes += 1
-        return guided_probs(logits, self.options, self.guided)
+        return guided_probs(logits, options or self.options, self.guided)
 
 
 def naive(network: Network, prefix: torch.Tensor, noise: torch.Tensor, options: Options) -> tuple[torch.Tensor, int]:
@@ -426,6 +436,25 @@ def continue_parallel(network: Network, prefix: torch.Tensor, tokens: torch.Tens
     return tokens, d.passes
 
 
+def scale_options(options: Options, scale: int, scales: int) -> Options:
+    """The sampling options of next-scale pass `scale` of `scales`.
+    - Guidance on its schedule: "linear" is VAR's, none at the first scale rising to `cfg` at
+      the last, so the coarse layout keeps the model's own diversity and the detail follows
+      the condition.
+    - The finest scale at `last_scale_temperature`. Its tokens are drawn together, each from
+      its own distribution without seeing what its neighbours drew, so at temperature 1
+      neighbours may pick details that do not fit one another; a lower temperature keeps each
+      to its likeliest details. The coarser scales' tokens fix the layout, so they keep the
+      decode's temperature (BENCHMARKS.md, "Next-scale prediction": FID against both)."""
+    last = scale == scales - 1
+    cfg = options.cfg
+    if options.cfg_schedule == "linear":
+        cfg = 1 + (options.cfg - 1) * (scale / (scales - 1) if scales > 1 else 1.0)
+    temperature = options.last_scale_temperature if last and options.last_scale_temperature is not None \
+        else options.temperature
+    return dataclasses.replace(options, cfg=cfg, temperature=temperature)
+
+
 def scales(network: Network, prefix: torch.Tensor, noise: torch.Tensor,
            options: Options) -> tuple[torch.Tensor, int]:
     """Next-scale decoding over a ScaleCache: pass k reads scale k's input (the coarser scales'
@@ -452,7 +481,7 @@ def favoured_scales(network: Network, prefix: torch.Tensor, source: torch.Tensor
         end = net.prefix_tokens + span.stop
         positions = torch.arange(end - x.shape[1], end, device=prefix.device)
         logits = net.step(x, cache, positions)[:, -(span.stop - span.start):]
-        probs = d.probs(logits)
+        probs = d.probs(logits, scale_options(options, scale, len(tokenizer.spans)))
         if source is not None and favour != 1.0:
             mine = source[:, span, None]
             probs = probs.scatter(2, mine, probs.gather(2, mine) * favour)  # draw normalises
@@ -472,10 +501,11 @@ def scales_naive(network: Network, prefix: torch.Tensor, noise: torch.Tensor,
     net, tokenizer = network.net, network.tokenizer
     d = Decoder(net, prefix, options)
     tokens = torch.zeros(d.batch, d.length, dtype=torch.long, device=prefix.device)
-    for span in tokenizer.spans:
+    for scale, span in enumerate(tokenizer.spans):
         logits = network.forward(d.prefix, d.rows(tokenizer.next_scale_inputs(tokens)))
         scale_logits = logits[:, net.prefix_tokens + span.start:net.prefix_tokens + span.stop]
-        tokens[:, span] = draw(d.probs(scale_logits), noise[:, 0, span])
+        options_here = scale_options(options, scale, len(tokenizer.spans))
+        tokens[:, span] = draw(d.probs(scale_logits, options_here), noise[:, 0, span])
     return tokens, d.passes
 
 

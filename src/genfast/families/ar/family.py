@@ -128,8 +128,9 @@ class AR(Family):
     config_class = ARConfig
     presets = PRESETS
     generative = True
-    optimizer_keys = ("lr", "weight_decay", "beta1", "beta2", "warmup_steps")
-    sampling_keys = ("decode", "cfg", "temperature", "top_k", "parallel_steps", "choice_temperature", "jacobi_window")
+    optimizer_keys = ("lr", "weight_decay", "beta1", "beta2")
+    sampling_keys = ("decode", "cfg", "temperature", "top_k", "parallel_steps", "choice_temperature", "jacobi_window",
+                     "cfg_schedule", "last_scale_temperature")
 
     def model_name(self, config: ARConfig) -> str:
         base = objective_of(config).name
@@ -165,7 +166,7 @@ class AR(Family):
     def build(self, config: ARConfig) -> dict[str, nn.Module]:
         require(config, positive=("n_layer", "n_head", "n_embd", "prefix_tokens", "batch_size", "lr",
                                   "caption_pool"),
-                non_negative=("weight_decay", "warmup_steps"), unit=("dropout", "p_uncond", "beta1", "beta2"))
+                non_negative=("weight_decay",), unit=("dropout", "p_uncond", "beta1", "beta2"))
         objective = objective_of(config)
         if config.captions not in text.CAPTION_SOURCES:
             raise GenfastError(f"captions must be one of {', '.join(text.CAPTION_SOURCES)}, got '{config.captions}'")
@@ -219,9 +220,6 @@ class AR(Family):
                 condition = labels.masked_fill(dropped, -1)
         prefix = net.prefix(condition) if condition is not None else net.null_prefix(batch)
         loss = objective_of(config).loss(modules["gpt"], tokenizer, net, prefix, tokens, generator)
-        step = optimizer.state[next(iter(net.parameters()))].get("step", 0)
-        for group in optimizer.param_groups:  # linear warm-up, then constant
-            group["lr"] = config.lr * min(1.0, (float(step) + 1) / max(1, config.warmup_steps))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -240,6 +238,17 @@ class AR(Family):
         require(config, positive=("parallel_steps", "jacobi_window"),
                 non_negative=("temperature", "top_k", "cfg", "choice_temperature"))
         check_decode(config.objective, config.decode)
+        if config.cfg_schedule not in decoders.CFG_SCHEDULES:
+            raise GenfastError(f"cfg_schedule must be one of {', '.join(decoders.CFG_SCHEDULES)}, got "
+                               f"'{config.cfg_schedule}'")
+        last = config.last_scale_temperature
+        if last is not None and not (math.isfinite(last) and last >= 0):
+            raise GenfastError(f"config key 'last_scale_temperature' must be >= 0 (or unset), got {last!r}")
+        scale_only = [key for key, unset in (("cfg_schedule", "constant"), ("last_scale_temperature", None))
+                      if getattr(config, key) != unset]
+        if scale_only and config.objective != "scales":
+            raise GenfastError(f"{' and '.join(scale_only)} set how next-scale models (objective=scales) draw "
+                               f"their scales; this model's objective is {config.objective}: drop them")
 
     def inference_modules(self) -> tuple[str, ...]:
         return ("tokenizer", "gpt")
@@ -257,4 +266,5 @@ def encode_prompt(prompt: str) -> torch.Tensor:
 def options_of(config: ARConfig) -> decoders.Options:
     return decoders.Options(cfg=config.cfg, temperature=config.temperature, top_k=config.top_k,
                             parallel_steps=config.parallel_steps, choice_temperature=config.choice_temperature,
-                            jacobi_window=config.jacobi_window)
+                            jacobi_window=config.jacobi_window, cfg_schedule=config.cfg_schedule,
+                            last_scale_temperature=config.last_scale_temperature)

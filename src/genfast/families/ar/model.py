@@ -58,6 +58,8 @@ class ARConfig(TrainedConfig):
     parallel_steps: int = 8
     choice_temperature: float = 4.5  # MaskGIT: the Gumbel noise on its confidences at the first step
     jacobi_window: int = 16
+    cfg_schedule: str = "constant"           # next-scale: "linear" ramps guidance up over the scales (VAR's)
+    last_scale_temperature: float | None = None  # next-scale: the finest scale's temperature (None: temperature)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
