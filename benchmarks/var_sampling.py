@@ -21,21 +21,16 @@ import argparse
 import torch
 
 import genfast
+from genfast import config as configlib
 from genfast import data, images, metrics
 from genfast.families.ar import decoders
 from genfast.families.ar.model import ScaleCache
 
 
-def settings_of(text: str) -> dict:
-    """'cfg=2,last_scale_temperature=0' -> {'cfg': 2.0, 'last_scale_temperature': 0.0} (strings stay strings)."""
-    settings = {}
-    for pair in filter(None, text.split(",")):
-        key, _, value = pair.partition("=")
-        try:
-            settings[key] = float(value)
-        except ValueError:
-            settings[key] = value
-    return settings
+def settings_of(text: str) -> dict[str, str]:
+    """'cfg=2,last_scale_temperature=0' -> {'cfg': '2', 'last_scale_temperature': '0'}: genfast.load
+    parses the values as a command line's."""
+    return configlib.parse_pairs([pair for pair in text.split(",") if pair])
 
 
 @torch.inference_mode()
@@ -88,8 +83,7 @@ def settings_table(model: str, n: int, seed: int, all_settings: list[dict]) -> N
     print("| settings | FID | class accuracy |\n| --- | ---: | ---: |")
     for settings in all_settings:
         result = metrics.evaluate(genfast.load(model, **settings), n=n, seed=seed, progress=False)
-        shown = ", ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
-                          for key, value in settings.items()) or "the model's own"
+        shown = ", ".join(f"{key}={value}" for key, value in settings.items()) or "the model's own"
         print(f"| {shown} | {result['fid']:.2f} ± {result['fid_std']:.2f} | {result.get('accuracy', 0):.3f} |",
               flush=True)
 

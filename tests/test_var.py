@@ -262,8 +262,7 @@ def test_slim_sets_the_copys_own_sampling_settings_and_refuses_others(tiny_var, 
                                                  source.module.net.state_dict().values()))
     assert torch.equal(tuned.generate(4, seed=3), genfast.load(tiny_var[1], cfg=2.0, cfg_schedule="linear",
                                                                last_scale_temperature=0.0).generate(4, seed=3))
-    for pair, message in (("lr=1", "lr is not a sampling setting of a ar model, so slim cannot set it; it takes "
-                                   "decode, cfg"),
+    for pair, message in (("lr=1", "lr do(es) not apply to a ar model; it takes decode, cfg"),
                           ("cfg_schedule=cosine", "cfg_schedule must be one of constant, linear, got 'cosine'"),
                           ("cfg", "unrecognized arguments: cfg")):
         status, _, err = run(capsys, "slim", tiny_var[1], tmp_path / "bad.safetensors", pair)

@@ -121,6 +121,18 @@ def load_modules(ckpt: checkpoint.Checkpoint, device: str | torch.device = "cpu"
     return family, config, modules
 
 
+def with_sampling(family: Family, config, settings: dict):
+    """`config` with sampling `settings` (the family's `sampling_keys`, values or their text)
+    applied and checked; any other key is one line naming the keys the family takes."""
+    allowed = family.sampling_keys
+    if unknown := [key for key in settings if key not in allowed]:
+        raise GenfastError(f"{', '.join(unknown)} do(es) not apply to a {family.name} model"
+                           + (f"; it takes {', '.join(allowed)}" if allowed else ""))
+    config = configlib.override(config, settings)
+    family.check_sampling(config)
+    return config
+
+
 def load(name_or_path: str | Path, device: str = "cpu", **settings) -> Sampler:
     """A shipped model's name or a checkpoint path -> its eager fp32 sampler on `device`.
 
@@ -132,13 +144,7 @@ def load(name_or_path: str | Path, device: str = "cpu", **settings) -> Sampler:
     if not family.generative:
         raise GenfastError(f"{name_or_path} is a {family.name}, which does not generate images; "
                            f"give a gan, vae or ar checkpoint")
-    settings = {key: value for key, value in settings.items() if value is not None}
-    allowed = family.sampling_keys
-    if unknown := [key for key in settings if key not in allowed]:
-        raise GenfastError(f"{', '.join(unknown)} do(es) not apply to a {family.name} model"
-                           + (f"; it takes {', '.join(allowed)}" if allowed else ""))
-    config = configlib.override(config, settings)
-    family.check_sampling(config)
+    config = with_sampling(family, config, {key: value for key, value in settings.items() if value is not None})
     sampler = family.sampler(modules, config, class_names_of(ckpt, config))
     sampler.info = {"family": ckpt.family, "model": family.model_name(config), "dataset": ckpt.dataset["name"],
                     "step": ckpt.step, "path": str(path)}
@@ -179,12 +185,7 @@ def slim(src: Path, dst: Path, half: bool = True, pairs: list[str] = ()) -> Path
     ckpt = checkpoint.load(src)
     family = get_family(ckpt.family)
     if settings := configlib.parse_pairs(list(pairs)):
-        if unknown := [key for key in settings if key not in family.sampling_keys]:
-            raise GenfastError(f"{', '.join(unknown)} is not a sampling setting of a {family.name} model, so slim "
-                               f"cannot set it" + (f"; it takes {', '.join(family.sampling_keys)}"
-                                                   if family.sampling_keys else ""))
-        config = configlib.override(configlib.from_dict(family.config_class, ckpt.config), settings)
-        family.check_sampling(config)
+        config = with_sampling(family, configlib.from_dict(family.config_class, ckpt.config), settings)
         ckpt.config = configlib.to_dict(config)
         ckpt.extra["set_by_slim"] = settings  # so the header says which settings training did not choose
     ckpt.modules = {n: s for n, s in ckpt.modules.items() if n in family.inference_modules()}

@@ -486,9 +486,7 @@ def learning_rate_share(step: int, total: int, warmup: int, decay: int) -> float
 
 
 def _check_schedule(config: Any, total: int) -> None:
-    for key in SCHEDULE_KEYS:
-        if getattr(config, key) < 0:
-            raise GenfastError(f"config key '{key}' must be >= 0, got {getattr(config, key)}")
+    configlib.require(config, non_negative=SCHEDULE_KEYS)
     if config.decay_steps > total:
         raise GenfastError(f"decay_steps={config.decay_steps} is more than the run's {total} steps: the rate "
                            f"decays over a run's last steps; choose at most {total}")
